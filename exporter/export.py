@@ -1,0 +1,197 @@
+"""The export pass: Hugging Face causal LM -> ONNX with KV cache (through Optimum) -> koedge bundle.
+
+After Optimum writes the graph we store a tied embedding once, save weights as external data
+(memory-mappable on the phone), run onnx.checker, load it in onnxruntime, and check logits
+against torch for a prefill and decode steps — also past Gemma 3's sliding window.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from runtime.bundle import (IOContract, Manifest, ModelInfo, PassRecord, SpecialTokens, TensorSpec,
+                            staged_folder, write_manifest)
+from runtime.errors import KoedgeError
+from exporter.architectures import TASK, check_exportable, register_koedge_architectures
+from exporter.sources import ResolvedModel
+
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+CHECKPOINT_FILES = ("config.json", "generation_config.json")
+
+
+@dataclass
+class ExportConfig:
+    dtype: str = "fp32"  # fp32 | fp16
+    opset: int | None = None  # None: Optimum's default for the architecture
+    parity_decode_steps: int = 8
+    parity_tolerance: float | None = None  # max |logit diff|; None: 1e-2 for fp32, 0.5 for fp16
+    parity_long_prompt: bool = True  # a prompt past the sliding window, when the model has one
+    share_tied_embedding: bool = True
+
+    def tolerance(self) -> float:
+        if self.parity_tolerance is not None:
+            return self.parity_tolerance
+        return 1e-2 if self.dtype == "fp32" else 0.5
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    seconds: float
+    bundle_bytes: int
+    parity: dict = field(default_factory=dict)
+
+
+def load_torch_model(resolved: ResolvedModel, dtype: str = "fp32"):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=resolved.trust_remote_code)
+    except ValueError as err:
+        raise KoedgeError(f"cannot read the config of {resolved.name}: {str(err).splitlines()[0]}") from err
+    check_exportable(config.model_type)
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch_dtype,
+                                                 trust_remote_code=resolved.trust_remote_code)
+    return model.eval()
+
+
+def _tensor_specs(values) -> list[TensorSpec]:
+    from onnx import helper
+
+    specs = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+        shape = [dim.dim_param or dim.dim_value for dim in tensor_type.shape.dim]
+        specs.append(TensorSpec(value.name, dtype, shape))
+    return specs
+
+
+def _model_info(resolved: ResolvedModel, model, past_key: TensorSpec) -> ModelInfo:
+    config = model.config
+    heads = config.num_attention_heads
+    layer_types = getattr(config, "layer_types", None)
+    sliding = getattr(config, "sliding_window", None)
+    if layer_types and "sliding_attention" not in layer_types:
+        sliding = None
+    return ModelInfo(
+        name=resolved.name, source=resolved.source, revision=resolved.revision,
+        architecture=config.model_type, num_layers=config.num_hidden_layers,
+        num_attention_heads=heads, num_kv_heads=int(past_key.shape[1]), head_dim=int(past_key.shape[3]),
+        hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+        max_positions=getattr(config, "max_position_embeddings", 2048),
+        parameters=sum(p.numel() for p in model.parameters()),
+        sliding_window=sliding, layer_types=list(layer_types) if layer_types and sliding else None,
+        notes=list(resolved.notes),
+    )
+
+
+def _special_tokens(model, tokenizer) -> SpecialTokens:
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) if generation else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    bos = getattr(generation, "bos_token_id", None) if generation else None
+    bos = bos if bos is not None else tokenizer.bos_token_id
+    add_bos = getattr(tokenizer, "add_bos_token", True)
+    return SpecialTokens(bos_token_id=bos if add_bos is not False else None, eos_token_ids=eos_ids,
+                         pad_token_id=tokenizer.pad_token_id, chat_template=bool(tokenizer.chat_template))
+
+
+def _optimum_export(model, workdir: Path, config: ExportConfig) -> Path:
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    register_koedge_architectures()
+    onnx_export_from_model(model, workdir, task=TASK, opset=config.opset, do_validation=False)
+    path = workdir / ONNX_FILE
+    if not path.is_file():
+        raise KoedgeError(f"Optimum wrote no {ONNX_FILE} (found: {[p.name for p in workdir.iterdir()]})")
+    return path
+
+
+def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) -> dict:
+    """Share the tied embedding, save with external data, and run onnx.checker."""
+    import onnx
+
+    from exporter.graph_edits import share_tied_embedding
+
+    model = onnx.load(str(source))
+    tied = share_tied_embedding(model) if config.share_tied_embedding else None
+    if tied:
+        progress(f"tied embedding stored once ({tied.bytes_saved / 1e6:.0f} MB saved)")
+    onnx.save_model(model, str(folder / ONNX_FILE), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+    del model
+    onnx.checker.check_model(str(folder / ONNX_FILE))
+    return {"tied_embedding_shared": bool(tied), "tied_bytes_saved": tied.bytes_saved if tied else 0}
+
+
+def export_model(resolved: ResolvedModel, out: str | Path, config: ExportConfig | None = None,
+                 overwrite: bool = False, progress: Callable[[str], None] = print) -> ExportResult:
+    """Export `resolved` into a new bundle at `out` (atomically)."""
+    import onnx
+    from transformers import AutoTokenizer
+
+    from exporter.parity import check_parity
+    from runtime.model import CausalLM
+
+    config = config or ExportConfig()
+    if config.dtype not in ("fp32", "fp16"):
+        raise KoedgeError(f"unknown dtype '{config.dtype}' (fp32 or fp16)")
+    started = time.perf_counter()
+    with staged_folder(out, overwrite=overwrite) as folder:
+        progress(f"loading {resolved.name} ({config.dtype})")
+        model = load_torch_model(resolved, config.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=resolved.trust_remote_code)
+        progress(f"exporting {model.config.model_type} to ONNX with Optimum ({TASK})")
+        with tempfile.TemporaryDirectory(prefix="koedge-optimum-", dir=folder.parent) as workdir:
+            graph_results = _finish_graph(_optimum_export(model, Path(workdir), config), folder, config, progress)
+        tokenizer.save_pretrained(folder)
+        for name in CHECKPOINT_FILES:
+            if (resolved.path / name).is_file():
+                shutil.copy(resolved.path / name, folder / name)
+        graph = onnx.load(str(folder / ONNX_FILE), load_external_data=False).graph
+        io = IOContract(inputs=_tensor_specs(graph.input), outputs=_tensor_specs(graph.output))
+        io.uses_position_ids = "position_ids" in io.input_names()
+        past_key = next(spec for spec in io.inputs if spec.name == io.past_key.format(layer=0))
+        io.kv_dtype = past_key.dtype
+        manifest = Manifest(model=_model_info(resolved, model, past_key), tokens=_special_tokens(model, tokenizer),
+                            io=io, onnx_file=ONNX_FILE)
+        write_manifest(folder, manifest)
+        progress("checking logits against torch (prefill + decode with KV cache)")
+        runner = CausalLM(folder)
+        parity = check_parity(model, runner, config)
+        del runner
+        failed = [case for case in parity["cases"] if case["max_abs_diff"] > config.tolerance()]
+        if failed:
+            worst = max(failed, key=lambda case: case["max_abs_diff"])
+            raise KoedgeError(f"parity check failed: {worst['name']} max |logit diff| "
+                              f"{worst['max_abs_diff']:.3g} > {config.tolerance():g}")
+        seconds = time.perf_counter() - started
+        manifest.passes.append(PassRecord("export", asdict(config), round(seconds, 1),
+                                          {**graph_results, "parity": parity}))
+        write_manifest(folder, manifest)
+        bundle_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return ExportResult(Path(out), seconds, bundle_bytes, parity)
+
+
+def describe_export(result: ExportResult) -> str:
+    lines = [f"bundle {result.folder}  {result.bundle_bytes / 1e6:,.0f} MB  in {result.seconds:.0f} s"]
+    for case in result.parity["cases"]:
+        lines.append(f"  parity {case['name']:<32} tokens {case['tokens']:>4}  max |diff| {case['max_abs_diff']:.2e}"
+                     f"  same argmax {case['same_argmax']}")
+    return "\n".join(lines)
+
+
+def read_checkpoint_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())

@@ -1,0 +1,102 @@
+"""A loaded bundle: manifest + onnxruntime session + tokenizer, with a plain numpy step.
+
+The numpy step is the simple, obviously-right path (the exporter's parity check and the
+reference for the I/O-binding loop in runtime/kvcache.py); generation uses the bound path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from runtime.bundle import Manifest, read_manifest
+from runtime.errors import KoedgeError
+from runtime.session import SessionConfig, create_session
+
+Past = dict[str, np.ndarray]
+
+
+@dataclass
+class StepOutput:
+    logits: np.ndarray  # [batch, sequence, vocab]
+    present: Past = field(default_factory=dict)
+
+
+class CausalLM:
+    """One bundle, ready to run."""
+
+    def __init__(self, folder: str | Path, session_config: SessionConfig | None = None):
+        self.folder = Path(folder)
+        self.manifest: Manifest = read_manifest(self.folder)
+        started = time.perf_counter()
+        self.session = create_session(self.folder / self.manifest.onnx_file, session_config)
+        self.load_seconds = time.perf_counter() - started
+        self._check_contract()
+        tokenizer_file = self.folder / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise KoedgeError(f"bundle {self.folder} has no tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+
+    # --- contract -------------------------------------------------------------------------
+    def _check_contract(self) -> None:
+        graph_inputs = {item.name for item in self.session.get_inputs()}
+        declared = set(self.manifest.io.input_names())
+        if graph_inputs != declared:
+            missing, extra = sorted(declared - graph_inputs), sorted(graph_inputs - declared)
+            raise KoedgeError(
+                f"manifest does not match the ONNX inputs (manifest only: {missing[:3]}, graph only: {extra[:3]})"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return self.manifest.model.num_layers
+
+    def kv_names(self, kind: str) -> list[tuple[str, str]]:
+        """(key, value) names per layer; kind is 'past' or 'present'."""
+        io = self.manifest.io
+        key, value = (io.past_key, io.past_value) if kind == "past" else (io.present_key, io.present_value)
+        return [(key.format(layer=i), value.format(layer=i)) for i in range(self.num_layers)]
+
+    def kv_dtype(self) -> np.dtype:
+        return np.dtype(self.manifest.io.kv_dtype)
+
+    def empty_past(self, batch: int = 1) -> Past:
+        info = self.manifest.model
+        shape = (batch, info.num_kv_heads, 0, info.head_dim)
+        return {name: np.zeros(shape, self.kv_dtype()) for pair in self.kv_names("past") for name in pair}
+
+    # --- tokenizer -------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        bos = self.manifest.tokens.bos_token_id
+        if add_bos and bos is not None:
+            ids = [bos, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # --- numpy step ------------------------------------------------------------------------
+    def feeds(self, input_ids: np.ndarray, past_length: int) -> dict[str, np.ndarray]:
+        """The non-KV inputs for a step of `input_ids` [batch, seq] after `past_length` tokens."""
+        batch, seq = input_ids.shape
+        feeds = {"input_ids": input_ids.astype(np.int64),
+                 "attention_mask": np.ones((batch, past_length + seq), np.int64)}
+        if self.manifest.io.uses_position_ids:
+            positions = np.arange(past_length, past_length + seq, dtype=np.int64)
+            feeds["position_ids"] = np.broadcast_to(positions, (batch, seq)).copy()
+        return feeds
+
+    def step(self, input_ids: np.ndarray, past: Past) -> StepOutput:
+        """One forward pass, KV cache in and out as numpy arrays."""
+        past_length = next(iter(past.values())).shape[2] if past else 0
+        feeds = self.feeds(input_ids, past_length)
+        feeds.update(past)
+        present_names = [name for pair in self.kv_names("present") for name in pair]
+        outputs = self.session.run([self.manifest.io.logits, *present_names], feeds)
+        past_names = [name for pair in self.kv_names("past") for name in pair]
+        return StepOutput(outputs[0], dict(zip(past_names, outputs[1:])))
