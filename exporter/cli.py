@@ -4,13 +4,25 @@ so `koedge run` / `validate` / `eval` work with the runtime dependencies alone."
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
 import time
 
 from runtime.errors import KoedgeError
 
 
-def _progress(message: str) -> None:
+# Each module defines `add_commands(subparsers)`; kept apart so each area owns its commands.
+COMMAND_MODULES = (
+    "exporter.cli_runtime",  # run, chat, validate
+    "exporter.cli_eval",  # eval
+    "exporter.cli_quantize",  # quantize
+    "exporter.cli_prune",  # prune
+    "exporter.cli_build",  # build, plan
+)
+
+
+def progress(message: str) -> None:
     print(f"[koedge {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
@@ -19,9 +31,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from exporter.sources import resolve_model
 
     resolved = resolve_model(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
-                             progress=_progress)
+                             progress=progress)
     config = ExportConfig(dtype=args.dtype, opset=args.opset, parity_tolerance=args.tolerance)
-    result = export_model(resolved, args.out, config, overwrite=args.overwrite, progress=_progress)
+    result = export_model(resolved, args.out, config, overwrite=args.overwrite, progress=progress)
     print(describe_export(result))
     return 0
 
@@ -47,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tolerance", type=float, default=None, help="max |logit diff| vs torch (default by dtype)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     export.set_defaults(func=cmd_export)
+    for module_name in COMMAND_MODULES:
+        if importlib.util.find_spec(module_name) is not None:
+            importlib.import_module(module_name).add_commands(commands)
     return parser
 
 

@@ -132,6 +132,7 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
     onnx.save_model(model, str(folder / ONNX_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
     del model
+    (folder / DATA_FILE).chmod(0o644)
     onnx.checker.check_model(str(folder / ONNX_FILE))
     return {"tied_embedding_shared": bool(tied), "tied_bytes_saved": tied.bytes_saved if tied else 0}
 

@@ -61,6 +61,7 @@ def _atomic_folder(target: Path, build: Callable[[Path], None]) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)
     try:
         build(tmp)
         if target.exists():
@@ -85,11 +86,21 @@ def _convert_gguf(gguf_path: Path, out: Path, progress: Callable[[str], None]) -
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if not tokenizer.chat_template and (template := _gguf_chat_template(gguf_path)):
+        tokenizer.chat_template = template
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "koedge-source.json").write_text(
         json.dumps({"gguf": name, "sha256": file_sha256(gguf_path)}, indent=2)
     )
+
+
+def _gguf_chat_template(gguf_path: Path) -> str | None:
+    """The chat template stored in the GGUF metadata (transformers' loader drops it)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf_path).fields.get("tokenizer.chat_template")
+    return bytes(field.parts[field.data[0]]).decode("utf-8") if field else None
 
 
 def _source_record(path: Path) -> dict:
@@ -198,6 +209,8 @@ def _build_shape_twin(out: Path, progress: Callable[[str], None], seed: int = 0)
     progress("initialising 1.3B random weights (seed 0)")
     torch.manual_seed(seed)
     model = GPTNeoXForCausalLM(config).to(torch.float32).eval()
+    if not tokenizer.chat_template and (template := _gguf_chat_template(gguf_path)):
+        tokenizer.chat_template = template
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "koedge-source.json").write_text(json.dumps(

@@ -195,6 +195,7 @@ def staged_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        tmp.chmod(0o755)
     except OSError as err:
         raise KoedgeError(f"cannot write to {parent}: {err.strerror}") from err
     try:
