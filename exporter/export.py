@@ -11,6 +11,7 @@ import json
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -109,10 +110,14 @@ def _special_tokens(model, tokenizer) -> SpecialTokens:
 
 
 def _optimum_export(model, workdir: Path, config: ExportConfig) -> Path:
+    import torch
     from optimum.exporters.onnx import onnx_export_from_model
 
     register_koedge_architectures()
-    onnx_export_from_model(model, workdir, task=TASK, opset=config.opset, do_validation=False)
+    with warnings.catch_warnings():  # tracing chatter that says nothing to a user
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index")
+        onnx_export_from_model(model, workdir, task=TASK, opset=config.opset, do_validation=False)
     path = workdir / ONNX_FILE
     if not path.is_file():
         raise KoedgeError(f"Optimum wrote no {ONNX_FILE} (found: {[p.name for p in workdir.iterdir()]})")
