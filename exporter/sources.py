@@ -232,12 +232,32 @@ PACKAGED: dict[str, Callable[[Callable[[str], None]], ResolvedModel]] = {
 }
 
 
+def require_hub(model_id: str) -> None:
+    """Fail fast, in one line, when the hub's host does not resolve (instead of a wall of retries)."""
+    import logging
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        raise KoedgeError(
+            f"cannot reach the Hugging Face Hub ({host}: {err.strerror or err}) to download '{model_id}'; "
+            f"offline models: {', '.join(PACKAGED)}"
+        ) from err
+
+
 def _hub(model_id: str, revision: str | None, trust_remote_code: bool,
          progress: Callable[[str], None]) -> ResolvedModel:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     progress(f"downloading {model_id} from the Hugging Face Hub")
+    require_hub(model_id)
     try:
         folder = snapshot_download(
             model_id, revision=revision,
@@ -273,3 +293,26 @@ def resolve_model(name_or_path: str, revision: str | None = None, trust_remote_c
             f"not a packaged model ({', '.join(PACKAGED)})"
         )
     return _hub(name_or_path, revision, trust_remote_code, progress)
+
+
+def model_config(name_or_path: str, revision: str | None = None) -> dict:
+    """A model's config.json without converting or downloading weights where that can be avoided."""
+    if name_or_path == "polyglot-ko-1.3b-shape":
+        return {**POLYGLOT_KO_1_3B_CONFIG, "model_type": "gpt_neox"}
+    if name_or_path in PACKAGED:
+        return json.loads((PACKAGED[name_or_path](lambda message: None).path / "config.json").read_text())
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return json.loads(path.read_text())
+    if path.exists():
+        return json.loads((resolve_model(name_or_path).path / "config.json").read_text())
+    if name_or_path.count("/") != 1:
+        raise KoedgeError(f"unknown model '{name_or_path}'")
+    from huggingface_hub import hf_hub_download
+
+    require_hub(name_or_path)
+    try:
+        return json.loads(Path(hf_hub_download(name_or_path, "config.json", revision=revision)).read_text())
+    except Exception as err:  # hub client raises many types: offline, 404, gated
+        raise KoedgeError(f"cannot fetch the config of '{name_or_path}' from the Hugging Face Hub "
+                          f"({type(err).__name__})") from err

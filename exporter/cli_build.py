@@ -1,0 +1,36 @@
+"""`koedge plan` (will it fit?) and `koedge build` (one command from model to phone bundle)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from exporter.plan import format_plan, parse_size, plan, shape_from_config
+    from exporter.sources import model_config
+
+    shape = shape_from_config(args.model, model_config(args.model, args.revision))
+    cap = parse_size(args.mem_cap)
+    rows = plan(shape, args.context)
+    if args.json:
+        print(json.dumps({"model": asdict(shape), "mem_cap": cap, "context": args.context,
+                          "rows": [{**asdict(row), "total": row.total, "fits": row.total <= cap} for row in rows]},
+                         indent=2))
+    else:
+        print(format_plan(shape, rows, cap, args.context))
+    return 0
+
+
+def add_commands(commands) -> None:
+    plan = commands.add_parser(
+        "plan", help="predict memory per precision and say what fits under a cap",
+        description="Before any work: weights + KV cache + activations for FP32/FP16/INT8/INT4, from the "
+                    "model config alone, and which fit the memory cap.")
+    plan.add_argument("--model", required=True, help="packaged name, checkpoint folder, config.json, or hub id")
+    plan.add_argument("--mem-cap", default="3GiB", help="memory budget (default 3GiB)")
+    plan.add_argument("--context", type=int, default=2048, help="tokens held in the KV cache (default 2048)")
+    plan.add_argument("--revision", default=None)
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(func=cmd_plan)
