@@ -209,8 +209,6 @@ def _build_shape_twin(out: Path, progress: Callable[[str], None], seed: int = 0)
     progress("initialising 1.3B random weights (seed 0)")
     torch.manual_seed(seed)
     model = GPTNeoXForCausalLM(config).to(torch.float32).eval()
-    if not tokenizer.chat_template and (template := _gguf_chat_template(gguf_path)):
-        tokenizer.chat_template = template
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "koedge-source.json").write_text(json.dumps(
