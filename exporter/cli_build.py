@@ -34,3 +34,34 @@ def add_commands(commands) -> None:
     plan.add_argument("--revision", default=None)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(func=cmd_plan)
+    add_build_command(commands)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from exporter.build import format_summary, run_recipe
+    from exporter.cli import progress
+    from exporter.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out)
+    outcomes = run_recipe(args.model, recipe, out, force=args.force, overwrite=True, progress=progress)
+    print(format_summary(recipe, outcomes))
+    print(f"bundle: {out}\nreport: {out / 'report.json'}")
+    return 0
+
+
+def add_build_command(commands) -> None:
+    from exporter.recipes import shipped_recipes
+
+    build = commands.add_parser(
+        "build", help="one command from model to phone bundle (a recipe of passes)",
+        description="Export, prune, quantize, validate under the memory cap and evaluate, as a recipe says. "
+                    "Each pass is cached by the hash of its input and config: re-running redoes only what changed.")
+    build.add_argument("--model", required=True, help="packaged name, checkpoint folder, or hub id")
+    build.add_argument("--recipe", default="phone-3gb",
+                       help=f"shipped recipe ({', '.join(shipped_recipes())}) or a .toml file (default phone-3gb)")
+    build.add_argument("--out", required=True, help="final bundle folder (replaced if it exists)")
+    build.add_argument("--force", action="store_true", help="redo every pass, ignoring the cache")
+    build.set_defaults(func=cmd_build)

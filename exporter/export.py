@@ -24,7 +24,8 @@ from exporter.sources import ResolvedModel
 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-CHECKPOINT_FILES = ("config.json", "generation_config.json")
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "token_map.json")
+CHECKPOINT_PASSES = "koedge-passes.json"  # passes applied to the checkpoint before export (pruning)
 
 
 @dataclass
@@ -60,6 +61,10 @@ def load_torch_model(resolved: ResolvedModel, dtype: str = "fp32"):
         raise KoedgeError(f"cannot read the config of {resolved.name}: {str(err).splitlines()[0]}") from err
     check_exportable(config.model_type)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    if getattr(config, "koedge_layer_shapes", None):  # structured pruning left layers of different sizes
+        from exporter.prune_structured import load_pruned
+
+        return load_pruned(resolved.path, config, torch_dtype)
     model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch_dtype,
                                                  trust_remote_code=resolved.trust_remote_code)
     return model.eval()
@@ -94,6 +99,12 @@ def _model_info(resolved: ResolvedModel, model, past_key: TensorSpec) -> ModelIn
         sliding_window=sliding, layer_types=list(layer_types) if layer_types and sliding else None,
         notes=list(resolved.notes),
     )
+
+
+def checkpoint_passes(path: Path) -> list[PassRecord]:
+    """Passes already applied to the checkpoint (pruning), so the bundle's history starts with them."""
+    record = path / CHECKPOINT_PASSES
+    return [PassRecord(**item) for item in json.loads(record.read_text())] if record.is_file() else []
 
 
 def _special_tokens(model, tokenizer) -> SpecialTokens:
@@ -172,7 +183,7 @@ def export_model(resolved: ResolvedModel, out: str | Path, config: ExportConfig 
         past_key = next(spec for spec in io.inputs if spec.name == io.past_key.format(layer=0))
         io.kv_dtype = past_key.dtype
         manifest = Manifest(model=_model_info(resolved, model, past_key), tokens=_special_tokens(model, tokenizer),
-                            io=io, onnx_file=ONNX_FILE)
+                            io=io, onnx_file=ONNX_FILE, passes=checkpoint_passes(resolved.path))
         write_manifest(folder, manifest)
         progress("checking logits against torch (prefill + decode with KV cache)")
         runner = CausalLM(folder)

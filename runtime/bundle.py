@@ -214,3 +214,20 @@ def staged_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_token_map(folder: str | Path, manifest: Manifest) -> list[int] | None:
+    """New id -> original id of a vocabulary-pruned bundle, or None when the vocabulary is the original.
+
+    `koedge prune` writes the map as a JSON file named in the prune pass's results
+    (`passes[name == "prune"].results["vocab"]["token_map"]`, normally `token_map.json`).
+    """
+    for record in manifest.passes:
+        name = (record.results.get("vocab") or {}).get("token_map") if record.name == "prune" else None
+        if name:
+            path = Path(folder) / name
+            if not path.is_file():
+                raise KoedgeError(f"bundle {folder} lacks its token map {name}")
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return [int(i) for i in data["new_to_original"]]
+    return None

@@ -100,3 +100,16 @@ class CausalLM:
         outputs = self.session.run([self.manifest.io.logits, *present_names], feeds)
         past_names = [name for pair in self.kv_names("past") for name in pair]
         return StepOutput(outputs[0], dict(zip(past_names, outputs[1:])))
+
+    # --- memory ----------------------------------------------------------------------------
+    def release_encoder(self) -> None:
+        """Keep only the decoding half of the tokenizer once the prompt is encoded.
+
+        Added for `koedge run` / `validate`: a 262k-piece Unigram tokenizer holds ~220 MiB, a fifth
+        of gemma-3-270m's weights; its decoding twin ~60 MiB. `encode` raises afterwards.
+        """
+        from runtime.stream import DecodeOnlyTokenizer, release_heap
+
+        if not isinstance(self.tokenizer, DecodeOnlyTokenizer):
+            self.tokenizer = DecodeOnlyTokenizer(self.tokenizer)
+            release_heap()

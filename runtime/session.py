@@ -1,9 +1,10 @@
 """onnxruntime session setup chosen for low peak memory on a phone-sized budget.
 
-Measured on gemma-3-270m FP32 (docs/memory.md): the default session holds the weights twice
-while it is created (pre-packing copies every MatMul weight, the arena keeps freed blocks).
-Loading from a path with external data, disabling pre-packing and the CPU arena keeps the peak
-near the weight bytes at no measured cost in decode speed.
+Creating a session is where the peak usually is: onnxruntime can hold the model twice while it
+builds the session (its issue #23775), bytes passed in add one more copy (#21992), and pre-packing
+copies MatMul weights. We load from a path with external data memory-mapped; the defaults below
+are the lowest-peak settings measured on gemma-3-270m FP32 that cost no decode speed
+(table and method in docs/memory.md).
 """
 
 from __future__ import annotations
@@ -20,8 +21,15 @@ from runtime.errors import KoedgeError
 class SessionConfig:
     threads: int = 0  # 0: onnxruntime's default (all physical cores)
     optimization: str = "all"  # disable | basic | extended | all
-    low_memory: bool = True  # no pre-packing, no CPU arena, no memory pattern
-    mmap_external_data: bool = True
+    cpu_arena: bool = False  # the arena keeps freed blocks (prefill activations) for reuse
+    mem_pattern: bool = False  # pre-plans activation buffers per input shape; shapes change every step
+    prepacking: bool = False  # pre-packed MatMul weights are a second (anonymous) copy of the weights
+    spinning: bool = True  # idle worker threads spin: lower latency, but burns CPU others could use
+
+    @classmethod
+    def onnxruntime_defaults(cls, threads: int = 0) -> "SessionConfig":
+        """What a plain `InferenceSession(path)` does: the reference point of docs/memory.md."""
+        return cls(threads=threads, cpu_arena=True, mem_pattern=True, prepacking=True)
 
 
 _LEVELS = {
@@ -41,12 +49,12 @@ def session_options(config: SessionConfig) -> ort.SessionOptions:
         options.intra_op_num_threads = config.threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    if config.low_memory:
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
+    options.enable_cpu_mem_arena = config.cpu_arena
+    options.enable_mem_pattern = config.mem_pattern
+    if not config.prepacking:
         options.add_session_config_entry("session.disable_prepacking", "1")
-    if config.mmap_external_data:
-        options.add_session_config_entry("session.use_mmap_for_external_initializers", "1")
+    if not config.spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

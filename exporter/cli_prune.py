@@ -1,0 +1,367 @@
+"""`koedge prune`: shrink the torch model (vocabulary, structure, sparsity), then export it as a bundle.
+
+Pruning happens before export so that ONNX shapes really get smaller. The pruned checkpoint
+records what was done (`koedge-passes.json`, and `token_map.json` after vocabulary pruning); the
+export copies both into the bundle, so the manifest's history starts with the prune pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from runtime.errors import KoedgeError
+from exporter.prune_sparsity import SparsityConfig
+from exporter.prune_structured import StructuredConfig
+from exporter.prune_vocab import VocabConfig
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+SKIP_FILES = ("koedge-source.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+STALE_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json")
+
+
+@dataclass
+class PruneOptions:
+    vocab: VocabConfig | None = None
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    eval_texts: int = 100  # eval-split texts for bits per byte before/after (0: skip)
+
+    @property
+    def active(self) -> bool:
+        return self.vocab is not None or self.structured.active or self.sparsity.sparsity > 0
+
+
+def refuse_bundle(name_or_path: str) -> None:
+    """Pruning works on the torch model; an exported (let alone quantized) bundle is the wrong input."""
+    from runtime.bundle import MANIFEST, read_manifest
+
+    folder = Path(name_or_path).expanduser()
+    if (folder / MANIFEST).is_file():
+        manifest = read_manifest(folder)
+        quantized = [r.name for r in manifest.passes if r.name.startswith("quantize")]
+        if quantized:
+            raise KoedgeError(f"{folder} is already quantized ({quantized[0]}): prune before quantizing — "
+                              f"koedge prune --model {manifest.model.name} ..., then koedge quantize the result")
+        raise KoedgeError(f"{folder} is an exported bundle; prune the model it came from: "
+                          f"koedge prune --model {manifest.model.name} ...")
+    config = folder / "config.json"
+    if config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8")):
+        raise KoedgeError(f"{folder} is a quantized checkpoint: prune its full-precision weights")
+
+
+# --- evaluation helpers ----------------------------------------------------------------------------
+
+def _bos(folder: Path, model) -> int | None:
+    """The id the tokenizer puts first (after any remapping), or None when it adds no BOS."""
+    path = folder / "tokenizer_config.json"
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return None if data.get("add_bos_token") is False else model.config.bos_token_id
+
+
+def _special_ids(model) -> set[int]:
+    """Every `*_token_id` of the config and generation config (they must survive vocabulary pruning)."""
+    ids: set[int] = set()
+    for holder in (model.config.to_dict(), model.generation_config.to_dict()):
+        for key, value in holder.items():
+            if key.endswith("token_id"):
+                ids.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int) and v >= 0)
+    return ids
+
+
+def _evalset(folder: Path, split: str, count: int, bos: int | None):
+    from exporter.prune_sensitivity import EvalSet
+    from runtime.data import load_texts
+
+    return EvalSet.from_texts(folder / "tokenizer.json", load_texts("ko", split=split)[:count], bos)
+
+
+def _score(model, folder: Path, count: int, bos: int | None, reference=None):
+    """Bits per byte (and KL against `reference`'s scorer, same tokenizer only) on eval texts."""
+    from exporter.prune_sensitivity import Scorer
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if reference is not None:
+        return reference, reference.score(model)
+    evalset = _evalset(folder, "eval", count, bos)
+    keep = sum(len(ids) for ids in evalset.ids) * vocab * 2 <= 512 * 2**20
+    scorer = Scorer(evalset, vocab, keep_reference=keep)
+    return scorer, scorer.score(model)
+
+
+# --- the pass -------------------------------------------------------------------------------------
+
+def _copy_tokenizer_and_extras(source: Path, target: Path) -> None:
+    for path in source.iterdir():
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name not in SKIP_FILES \
+                and path.name != "config.json":
+            shutil.copy(path, target / path.name)
+
+
+def prune_checkpoint(resolved, out: Path, options: PruneOptions,
+                     progress: Callable[[str], None] = lambda message: None) -> dict:
+    """Load `resolved`, prune it as `options` say, and save a checkpoint folder at `out` (created).
+
+    The folder holds the weights, config, tokenizer, `koedge-passes.json` (this pass) and, after
+    vocabulary pruning, `token_map.json`. Returns the pass results.
+    """
+    from exporter.export import CHECKPOINT_PASSES, load_torch_model
+    from exporter.prune_sensitivity import EvalSet
+    from exporter.prune_sparsity import magnitude_prune
+    from exporter.prune_structured import apply_structured, decoder_layers, record_shapes
+    from exporter.prune_vocab import (check_tokenizer, plan_vocabulary, slice_embeddings, write_pruned_tokenizer,
+                                      write_token_map)
+    from runtime.bundle import PassRecord
+    from runtime.data import load_texts
+
+    if not options.active:
+        raise KoedgeError("nothing to prune: give --vocab-size/--coverage, --ffn-ratio/--head-ratio/"
+                          "--drop-layers/--plan, or --sparsity")
+    if options.vocab:
+        options.vocab.check()
+    options.sparsity.check()
+    if options.eval_texts < 0:
+        raise KoedgeError("--eval-texts must be 0 or more")
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_tokenizer_and_extras(resolved.path, out)
+    progress(f"loading {resolved.name} (fp32)")
+    model = load_torch_model(resolved, "fp32")
+    options.structured.check(len(decoder_layers(model)))
+    results: dict = {"parameters_before": sum(p.numel() for p in model.parameters())}
+    reference = None
+    if options.eval_texts:
+        progress(f"bits per byte of the unpruned model on {options.eval_texts} eval texts")
+        reference, results["eval_before"] = _score(model, resolved.path, options.eval_texts,
+                                                   _bos(resolved.path, model))
+    if options.vocab:
+        plan = plan_vocabulary(resolved.path, options.vocab, _special_ids(model), progress)
+        write_pruned_tokenizer(resolved.path, out, plan)
+        for stale in STALE_TOKENIZER_FILES:  # slow-tokenizer files would describe the old vocabulary
+            (out / stale).unlink(missing_ok=True)
+        slice_embeddings(model, plan)
+        checks = check_tokenizer(resolved.path / "tokenizer.json", out / "tokenizer.json", plan,
+                                 load_texts("ko", split="eval"))
+        results["vocab"] = {**plan.stats, "token_map": write_token_map(out, plan), "tokenizer_check": checks}
+        reference = None  # different segmentation: KL against the old model is not position-aligned
+        progress(f"vocabulary {plan.original_size:,} -> {len(plan.kept):,} tokens "
+                 f"(calib coverage {plan.stats['corpus_coverage']:.4%}; round trip exact on "
+                 f"{checks['round_trip_exact']}/{checks['texts']} eval texts)")
+    bos = _bos(out, model)
+    if options.structured.active:
+        calib = EvalSet.from_texts(out / "tokenizer.json",
+                                   load_texts("ko", split="calib")[: options.structured.calib_texts], bos)
+        results["structured"] = apply_structured(model, options.structured,
+                                                 calib.batches(model.config.vocab_size), progress)
+        results["structured"]["per_layer_shapes_in_config"] = record_shapes(model)
+    if options.sparsity.sparsity > 0:
+        results["sparsity"] = magnitude_prune(model, options.sparsity)
+        progress(f"magnitude sparsity {results['sparsity']['sparsity']:.1%} of decoder linear weights")
+    results["parameters_after"] = sum(p.numel() for p in model.parameters())
+    if options.eval_texts:
+        progress("bits per byte of the pruned model")
+        _, results["eval_after"] = _score(model, out, options.eval_texts, bos, reference)
+        before, after = results["eval_before"]["bits_per_byte"], results["eval_after"]["bits_per_byte"]
+        results["delta_bpb_pct"] = round(100 * (after / before - 1), 3)
+    model.save_pretrained(out)
+    config = {"vocab": asdict(options.vocab) if options.vocab else None, "structured": asdict(options.structured),
+              "sparsity": asdict(options.sparsity), "eval_texts": options.eval_texts}
+    record = PassRecord("prune", config, round(time.perf_counter() - started, 1), results)
+    (out / CHECKPOINT_PASSES).write_text(json.dumps([asdict(record)], indent=2, ensure_ascii=False))
+    return results
+
+
+def prune_model(resolved, out: str | Path, options: PruneOptions, overwrite: bool = False,
+                checkpoint_out: Path | None = None, progress: Callable[[str], None] = lambda message: None):
+    """Prune, then export the pruned checkpoint to a bundle at `out`."""
+    from exporter.export import export_model
+    from exporter.sources import ResolvedModel, cache_root
+
+    if Path(out).exists() and not overwrite:
+        raise KoedgeError(f"{out} exists; pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory(prefix="pruned-", dir=cache_root()) as scratch:
+        checkpoint = checkpoint_out or Path(scratch) / "checkpoint"
+        if checkpoint_out and checkpoint_out.exists():
+            raise KoedgeError(f"{checkpoint_out} exists; choose a new folder for the pruned checkpoint")
+        results = prune_checkpoint(resolved, checkpoint, options, progress)
+        pruned = ResolvedModel(resolved.name, checkpoint, resolved.source, resolved.revision,
+                               resolved.trust_remote_code, [*resolved.notes, describe_notes(results)])
+        exported = export_model(pruned, out, overwrite=overwrite, progress=progress)
+    return results, exported
+
+
+def describe_notes(results: dict) -> str:
+    parts = []
+    if "vocab" in results:
+        parts.append(f"vocabulary {results['vocab']['original_vocab_size']:,} -> {results['vocab']['vocab_size']:,}")
+    if "structured" in results:
+        parts.append("structured pruning")
+    if "sparsity" in results:
+        parts.append(f"{results['sparsity']['sparsity']:.0%} magnitude sparsity")
+    return "pruned by koedge: " + ", ".join(parts)
+
+
+def describe(results: dict) -> str:
+    lines = [f"parameters {results['parameters_before']:,} -> {results['parameters_after']:,}"]
+    if "vocab" in results:
+        v = results["vocab"]
+        lines.append(f"vocabulary {v['original_vocab_size']:,} -> {v['vocab_size']:,} (required {v['required']}, "
+                     f"from corpus {v['from_corpus']:,}, prior fill {v['from_prior_fill']:,}; "
+                     f"calib coverage {v['corpus_coverage']:.4%})")
+    if "eval_before" in results:
+        b, a = results["eval_before"], results["eval_after"]
+        kl = f", KL {a['kl']:.4f}" if a.get("kl") is not None else ""
+        lines.append(f"bits per byte {b['bits_per_byte']:.4f} -> {a['bits_per_byte']:.4f} "
+                     f"({results['delta_bpb_pct']:+.2f}%{kl}) on {b['bytes']:,} bytes of eval text")
+    return "\n".join(lines)
+
+
+# --- sensitivity ------------------------------------------------------------------------------------
+
+def run_sensitivity(resolved, options: PruneOptions, report: Path, ratios: list[float], threshold: float,
+                    progress: Callable[[str], None]) -> dict:
+    """The one-layer-at-a-time table and plot, on the model after any vocabulary pruning."""
+    from exporter.prune_sensitivity import EvalSet, Scorer, SensitivityConfig, sensitivity, write_reports
+    from exporter.prune_structured import decoder_layers
+    from exporter.export import load_torch_model
+    from exporter.prune_vocab import plan_vocabulary, slice_embeddings, write_pruned_tokenizer
+    from runtime.data import load_texts
+
+    if any(not 0 < r < 1 for r in ratios):
+        raise KoedgeError(f"sensitivity ratios must be in (0, 1), got {ratios}")
+    if options.eval_texts < 1:
+        raise KoedgeError("--sensitivity needs --eval-texts of at least 1")
+    with tempfile.TemporaryDirectory(prefix="koedge-sensitivity-") as scratch:
+        folder = Path(scratch)
+        _copy_tokenizer_and_extras(resolved.path, folder)
+        shutil.copy(resolved.path / "config.json", folder / "config.json")
+        progress(f"loading {resolved.name} (fp32)")
+        model = load_torch_model(resolved, "fp32")
+        if options.vocab:
+            plan = plan_vocabulary(resolved.path, options.vocab, _special_ids(model), progress)
+            write_pruned_tokenizer(resolved.path, folder, plan)
+            slice_embeddings(model, plan)
+        bos = _bos(folder, model)
+        vocab = model.config.vocab_size
+        evalset = EvalSet.from_texts(folder / "tokenizer.json", load_texts("ko", split="eval")[: options.eval_texts], bos)
+        calib = EvalSet.from_texts(folder / "tokenizer.json",
+                                   load_texts("ko", split="calib")[: options.structured.calib_texts], bos)
+        config = SensitivityConfig(ffn_ratios=tuple(ratios), head_ratios=tuple(ratios),
+                                   score=options.structured.score)
+        progress(f"sensitivity over {len(decoder_layers(model))} layers on {sum(map(len, evalset.ids)):,} tokens")
+        base, rows = sensitivity(model, Scorer(evalset, vocab, record_layers=True), config, calib.batches(vocab), progress)
+    meta = {"model": resolved.name, "score": config.score, "vocab_size": vocab,
+            "eval_texts": options.eval_texts, "ratios": ratios}
+    files = write_reports(report, base, rows, meta, threshold)
+    return {"base": base, "rows": rows, "files": {k: str(report / v) for k, v in files.items()}}
+
+
+# --- command --------------------------------------------------------------------------------------
+
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise KoedgeError(f"ratios must be comma-separated numbers, got '{text}'") from err
+
+
+def _layers(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise KoedgeError(f"--drop-layers must be comma-separated layer numbers, got '{text}'") from err
+
+
+def options_from(args: argparse.Namespace) -> PruneOptions:
+    from exporter.prune_structured import read_plan
+
+    vocab = None
+    if args.vocab_size is not None or args.coverage is not None:
+        vocab = VocabConfig(vocab_size=args.vocab_size, coverage=args.coverage, corpora=args.corpus or ["ko"],
+                            fill=args.fill, max_texts=args.max_texts)
+    structured = StructuredConfig(ffn_ratio=args.ffn_ratio, head_ratio=args.head_ratio,
+                                  drop_layers=_layers(args.drop_layers), scope=args.scope, score=args.score,
+                                  steps=args.steps, multiple_of=args.multiple_of,
+                                  plan=read_plan(args.plan) if args.plan else None, calib_texts=args.calib_texts)
+    return PruneOptions(vocab, structured, SparsityConfig(args.sparsity, args.sparsity_scope), args.eval_texts)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from exporter.cli import progress
+    from exporter.sources import resolve_model
+
+    refuse_bundle(args.model)
+    options = options_from(args)
+    if args.sensitivity:
+        resolved = resolve_model(args.model, trust_remote_code=args.trust_remote_code, progress=progress)
+        result = run_sensitivity(resolved, options, Path(args.report), _ratios(args.ratios), args.threshold, progress)
+        print(f"unpruned {result['base']['bits_per_byte']:.4f} bits/byte; reports: "
+              + ", ".join(result["files"].values()))
+        return 0
+    if not args.out:
+        raise KoedgeError("--out is required (or use --sensitivity for the report only)")
+    if not options.active:
+        raise KoedgeError("nothing to prune: give --vocab-size/--coverage, --ffn-ratio/--head-ratio/"
+                          "--drop-layers/--plan, or --sparsity")
+    options.structured.check(10**6)  # ranges now; layer numbers once the model is loaded
+    options.sparsity.check()
+    if options.vocab:
+        options.vocab.check()
+    resolved = resolve_model(args.model, trust_remote_code=args.trust_remote_code, progress=progress)
+    checkpoint = Path(args.checkpoint_out) if args.checkpoint_out else None
+    results, exported = prune_model(resolved, args.out, options, args.overwrite, checkpoint, progress)
+    print(describe(results))
+    print(f"bundle {exported.folder}  {exported.bundle_bytes / 1e6:,.1f} MB")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prune", help="prune a model (Korean vocabulary, FFN channels, heads, layers, sparsity) and export it",
+        description="Shrink the torch model before export so ONNX shapes really get smaller, then export a "
+                    "bundle. Prune before quantizing. See docs/pruning.md.")
+    parser.add_argument("--model", required=True, help="packaged name, checkpoint folder or Hugging Face id")
+    parser.add_argument("--out", help="bundle folder to create")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--checkpoint-out", help="also keep the pruned torch checkpoint in this new folder")
+    parser.add_argument("--eval-texts", type=int, default=100,
+                        help="eval-split Korean texts for bits per byte before/after (0: skip; default 100)")
+    vocab = parser.add_argument_group("vocabulary pruning")
+    size = vocab.add_mutually_exclusive_group()
+    size.add_argument("--vocab-size", type=int, help="keep exactly N tokens")
+    size.add_argument("--coverage", type=float, help="keep the most used tokens covering this share (0-1]")
+    vocab.add_argument("--corpus", action="append",
+                       help="texts to count on: ko, nsmc, klue (calib split) or a .txt/.jsonl file; repeatable")
+    vocab.add_argument("--fill", choices=["ko-en", "any", "none"], default="ko-en",
+                       help="what fills --vocab-size past the counted tokens (tokenizer prior order)")
+    vocab.add_argument("--max-texts", type=int, default=None, help="count on at most N texts per corpus")
+    structured = parser.add_argument_group("structured pruning")
+    structured.add_argument("--ffn-ratio", type=float, default=0.0, help="share of FFN channels to remove [0, 1)")
+    structured.add_argument("--head-ratio", type=float, default=0.0, help="share of query heads to remove [0, 1)")
+    structured.add_argument("--drop-layers", help="comma-separated layer numbers to remove")
+    structured.add_argument("--scope", choices=["local", "global"], default="local")
+    structured.add_argument("--score", choices=["weight", "activation"], default="weight")
+    structured.add_argument("--steps", type=int, default=1, help="iterative pruning in N rounds (re-scored)")
+    structured.add_argument("--multiple-of", type=int, default=8, help="keep FFN widths a multiple of this")
+    structured.add_argument("--plan", help="JSON plan with per-layer ratios (see --sensitivity)")
+    structured.add_argument("--calib-texts", type=int, default=128, help="calibration texts for activation scores")
+    sparsity = parser.add_argument_group("unstructured sparsity (no speed or size gain: see docs)")
+    sparsity.add_argument("--sparsity", type=float, default=0.0, help="share of decoder weights to zero [0, 1)")
+    sparsity.add_argument("--sparsity-scope", choices=["local", "global"], default="local")
+    study = parser.add_argument_group("sensitivity study")
+    study.add_argument("--sensitivity", action="store_true",
+                       help="prune one layer at a time and write a table, plot and suggested plan")
+    study.add_argument("--report", default="build/prune-sensitivity", help="folder for the sensitivity report")
+    study.add_argument("--ratios", default="0.25,0.5,0.75", help="ratios for the sensitivity study")
+    study.add_argument("--threshold", type=float, default=0.5,
+                       help="suggested plan: per-layer Δ bits/byte budget in percent")
+    parser.set_defaults(func=cmd_prune)

@@ -1,0 +1,92 @@
+"""`koedge quantize`: INT4 weight-only or INT8 static, into a new bundle with a report."""
+
+from __future__ import annotations
+
+import argparse
+
+from exporter.cli import progress
+
+
+def _int4_config(args: argparse.Namespace):
+    from exporter.quantize_int4 import Int4Config
+
+    config = Int4Config(algo=args.algo, block_size=args.block_size, symmetric=args.symmetric,
+                        accuracy_level=args.accuracy_level, embedding=args.embedding,
+                        int8=[fragment for fragment in (args.int8_matmuls or "").split(",") if fragment])
+    if args.calib_source:
+        config.calib_source = args.calib_source
+    if args.calib_samples:
+        config.calib_samples = args.calib_samples
+    if args.calib_max_length:
+        config.calib_max_length = args.calib_max_length
+    config.check()
+    return config
+
+
+def _int8_config(args: argparse.Namespace):
+    from exporter.quantize_int8 import Int8StaticConfig
+
+    config = Int8StaticConfig(method=args.method, accuracy_aware=not args.no_accuracy_aware)
+    if args.percentile is not None:
+        config.percentile = args.percentile
+    if args.calib_source:
+        config.calibration.source = args.calib_source
+    if args.calib_samples:
+        config.calibration.samples = args.calib_samples
+    if args.calib_max_length:
+        config.calibration.max_length = args.calib_max_length
+    config.check()
+    return config
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from exporter.quantize import format_report, quantize_bundle
+
+    config = _int4_config(args) if args.int4 else _int8_config(args)
+    eval_config = None
+    if args.eval_texts:
+        from runtime.evaluate import EvalConfig
+
+        eval_config = EvalConfig(max_samples=args.eval_texts)
+    result = quantize_bundle(args.bundle, args.out, config, overwrite=args.overwrite, progress=progress,
+                             evaluate=not args.no_eval, eval_config=eval_config)
+    print(format_report(result.report), end="")
+    return 0
+
+
+def add_commands(commands) -> None:
+    parser = commands.add_parser(
+        "quantize", help="quantize a bundle: INT4 weight-only or INT8 static",
+        description="Write a quantized copy of an FP32 bundle, with report.json / report.md: size, time, and "
+                    "perplexity, KL and same-top-1 vs the source on Korean evaluation text.")
+    parser.add_argument("bundle", help="FP32 bundle folder")
+    parser.add_argument("--out", required=True, help="new bundle folder")
+    method = parser.add_mutually_exclusive_group(required=True)
+    method.add_argument("--int4", action="store_true", help="weight-only MatMulNBits + GatherBlockQuantized")
+    method.add_argument("--int8-static", action="store_true", help="static INT8 QDQ with Korean calibration")
+    int4 = parser.add_argument_group("INT4")
+    int4.add_argument("--algo", choices=["rtn", "hqq", "gptq", "k_quant"], default="k_quant",
+                      help="block quantizer (default k_quant; gptq calibrates on Korean text)")
+    int4.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32, help="weights per scale")
+    int4.add_argument("--symmetric", action="store_true", help="no zero points (rtn, gptq)")
+    int4.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=0,
+                      help="MatMulNBits compute type (4: int8 activations, faster; 0: unset)")
+    int4.add_argument("--embedding", choices=["int4", "int8", "fp32"], default="int8",
+                      help="embedding table and LM head (one shared tensor when tied; default int8)")
+    int4.add_argument("--int8-matmuls", metavar="FRAGMENTS",
+                      help="comma-separated MatMul name fragments kept at 8 bits, e.g. v_proj,down_proj")
+    int8 = parser.add_argument_group("INT8 static")
+    int8.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
+                      help="activation calibration method")
+    int8.add_argument("--percentile", type=float, default=None, help="for --method percentile")
+    int8.add_argument("--no-accuracy-aware", action="store_true",
+                      help="quantize every activation (skip the search for what to keep in float)")
+    calib = parser.add_argument_group("calibration (INT8 static, INT4 gptq)")
+    calib.add_argument("--calib-source", default=None, help="nsmc | klue | ko | a .txt / .jsonl file")
+    calib.add_argument("--calib-samples", type=int, default=None, help="calibration sequences")
+    calib.add_argument("--calib-max-length", type=int, default=None, help="tokens per calibration sequence")
+    report = parser.add_argument_group("report")
+    report.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
+    report.add_argument("--eval-texts", type=int, default=None, help="evaluation texts (default: runtime.evaluate's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.set_defaults(func=cmd_quantize)

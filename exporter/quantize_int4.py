@@ -1,0 +1,595 @@
+"""INT4 weight-only quantization: MatMulNBits for the MatMuls, GatherBlockQuantized for the embedding.
+
+The block quantizers are onnxruntime's own (`onnxruntime.quantization.matmul_nbits_quantizer` and the
+neural-compressor code it ships: RTN, HQQ, GPTQ, k-quant). What they do not do is done here:
+- a tied embedding and LM head share ONE quantized tensor. MatMulNBits stores B as [N, K/block, blob],
+  row-major over N; for the LM head N is the vocabulary, so the bytes are the embedding table [V, H]
+  quantized along H. GatherBlockQuantized reads that same 3-D tensor (quantize_axis=2), so the bundle
+  holds the big matrix once;
+- mixed precision: chosen MatMuls (and the embedding/LM head) at 8 bits, the rest at 4;
+- weights are read one at a time from the memory-mapped external data, so peak memory stays near
+  the output size, and GPTQ's Hessians are gathered in groups that fit a memory budget.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from runtime.errors import KoedgeError
+
+ALGOS = ("rtn", "hqq", "gptq", "k_quant")
+BLOCK_SIZES = (32, 64, 128)
+TABLE_PRECISIONS = ("int4", "int8", "fp32")
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+CHUNK_ROWS = 16384  # output channels quantized at once: bounds the quantizers' temporaries
+
+
+@dataclass
+class Int4Config:
+    algo: str = "k_quant"  # rtn | hqq | gptq | k_quant
+    block_size: int = 32  # weights per scale, along K
+    symmetric: bool = False  # no zero points (rtn, gptq only)
+    accuracy_level: int = 0  # MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
+    embedding: str = "int8"  # int4 | int8 | fp32: the embedding table and the LM head (shared when tied)
+    embedding_block_size: int | None = None  # None: block_size
+    int8: list[str] = field(default_factory=list)  # MatMul name fragments kept at 8 bits (mixed precision)
+    calib_source: str = "ko"  # gptq: Korean calibration texts (split "calib") or a .txt/.jsonl file
+    calib_samples: int = 16
+    calib_max_length: int = 256
+    gptq_percdamp: float = 0.01
+    gptq_actorder: bool = False
+    hessian_budget_mb: int = 1500  # gptq: Hessians gathered per calibration pass
+
+    def check(self) -> None:
+        if self.algo not in ALGOS:
+            raise KoedgeError(f"unknown INT4 algorithm '{self.algo}' (choose from {', '.join(ALGOS)})")
+        if self.block_size not in BLOCK_SIZES:
+            raise KoedgeError(f"block size {self.block_size} is not supported (choose from "
+                              f"{', '.join(map(str, BLOCK_SIZES))})")
+        if self.embedding_block_size not in (None, 16, *BLOCK_SIZES):
+            raise KoedgeError(f"embedding block size {self.embedding_block_size} is not supported (choose from "
+                              f"16, {', '.join(map(str, BLOCK_SIZES))})")
+        if self.embedding not in TABLE_PRECISIONS:
+            raise KoedgeError(f"unknown embedding precision '{self.embedding}' (int4, int8 or fp32)")
+        if self.symmetric and self.algo in ("hqq", "k_quant"):
+            raise KoedgeError(f"{self.algo} fits a zero point per block; --symmetric works with rtn or gptq")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise KoedgeError(f"accuracy level {self.accuracy_level} is not one of 0-4")
+        if self.algo == "gptq" and self.calib_samples < 1:
+            raise KoedgeError("gptq needs at least 1 calibration sample")
+
+
+@dataclass
+class Packed:
+    """A [K, N] weight in MatMulNBits layout."""
+
+    data: np.ndarray  # uint8 [N, n_blocks, block * bits / 8]
+    scales: np.ndarray  # float [N, n_blocks]
+    zero_points: np.ndarray | None  # uint8 [N, ceil(n_blocks * bits / 8)], float [N, n_blocks] (hqq), or None
+    bits: int
+    block_size: int
+    k: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scales.nbytes + (0 if self.zero_points is None else self.zero_points.nbytes)
+
+
+# --- block quantizers (onnxruntime's) --------------------------------------------------------------------
+
+def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """[rows, cols] integer codes 0..2^bits-1 -> uint8, low nibble first (MatMulNBits' order)."""
+    codes = codes.astype(np.uint8)
+    if bits == 8:
+        return codes
+    if codes.shape[1] % 2:
+        codes = np.pad(codes, ((0, 0), (0, 1)))
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def _padded_t(w: np.ndarray, block: int) -> np.ndarray:
+    """w [K, N] -> w.T [N, K padded to a multiple of block] as float32."""
+    k = w.shape[0]
+    pad = (-k) % block
+    wt = np.ascontiguousarray(np.asarray(w, dtype=np.float32).T)
+    return np.pad(wt, ((0, 0), (0, pad))) if pad else wt
+
+
+def _from_codes(codes: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, bits: int, block: int,
+                k: int, dtype) -> Packed:
+    """codes [N, Kp] ints, scales/zp [N, n_blocks] -> Packed."""
+    n, kp = codes.shape
+    blocks = kp // block
+    data = _pack_codes(codes, bits).reshape(n, blocks, block * bits // 8)
+    zero_points = None
+    if zp is not None:
+        zero_points = zp.astype(dtype) if zp.dtype.kind == "f" else _pack_codes(zp, bits)
+    return Packed(data, scales.reshape(n, blocks).astype(dtype), zero_points, bits, block, k)
+
+
+def _rtn(w: np.ndarray, bits: int, block: int, symmetric: bool) -> Packed:
+    """Round to nearest with onnxruntime's C++ block quantizer (min/max per block)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 DefaultWeightOnlyQuantizer)
+
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric,
+                                                                        bits=bits))
+    packed, scales, zero_points = quantizer.qbits_block_quant(np.ascontiguousarray(w, dtype=np.float32))
+    return Packed(packed, scales, None if symmetric else zero_points, bits, block, w.shape[0])
+
+
+def _k_quant(w: np.ndarray, bits: int, block: int) -> Packed:
+    """llama.cpp's k-quant search (weighted least squares over scale and min) per block."""
+    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+
+    wt = _padded_t(w, block)
+    with np.errstate(divide="ignore", invalid="ignore"):  # constant blocks: the search skips them
+        codes, scale, zp = quant_tensor_k_quant_cpu(wt, bits, block)
+    n = wt.shape[0]
+    return _from_codes(codes.reshape(n, -1), scale.reshape(n, -1), zp.reshape(n, -1), bits, block, w.shape[0],
+                       np.float32)
+
+
+def _hqq(w: np.ndarray, bits: int, block: int) -> Packed:
+    """Half-quadratic quantization: optimised float zero point per block."""
+    import torch
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
+
+    quantizer = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block, bits=bits))
+    codes, scales, zero = quantizer.quantize_internal(torch.from_numpy(_padded_t(w, block)), bits=bits,
+                                                      group_size=block)
+    # HQQ dequantizes as (q - zero) * scale, like MatMulNBits with float zero points.
+    return _from_codes(codes.numpy(), scales.numpy(), zero.numpy().astype(np.float32), bits, block, w.shape[0],
+                       np.float32)
+
+
+def _gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, symmetric: bool, config: Int4Config) -> Packed:
+    """GPTQ: quantize input channels in order, pushing each one's error onto the rest through the
+    inverse Hessian of the layer input (Frantar et al., 2022), with a min/max grid per block.
+
+    Written out here because onnxruntime's neural-compressor port reads the lower triangle of an
+    upper Cholesky factor for its [K, N] layout, so it applies no error feedback (its output error
+    equals plain rounding; tests/test_quantize_int4.py checks ours beats it).
+    """
+    k, n = w.shape
+    maxq = 2 ** bits - 1
+    weights = np.zeros(((k + block - 1) // block * block, n))
+    weights[:k] = w
+    h = np.zeros((weights.shape[0],) * 2)
+    h[:k, :k] = hessian
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1
+    weights[dead] = 0
+    h[np.diag_indices_from(h)] += config.gptq_percdamp * np.mean(np.diag(h))
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor U of H^-1 = U^T U
+    codes = np.zeros(weights.shape, np.uint8)
+    groups = weights.shape[0] // block
+    scales, zeros = np.zeros((groups, n)), np.zeros((groups, n))
+    step = max(block, 128 // block * block)
+    for i1 in range(0, weights.shape[0], step):
+        i2 = min(i1 + step, weights.shape[0])
+        part = weights[i1:i2].copy()
+        errors = np.zeros_like(part)
+        for i in range(i2 - i1):
+            if (i1 + i) % block == 0:  # grid of the block, from the weights as updated so far
+                rows = part[i:i + block]
+                if symmetric:
+                    scale = np.maximum(np.abs(rows).max(axis=0), 1e-12) * 2 / maxq
+                    zero = np.full(n, 2 ** (bits - 1))
+                else:
+                    low, high = np.minimum(rows.min(axis=0), 0), np.maximum(rows.max(axis=0), 0)
+                    scale = np.maximum(high - low, 1e-12) / maxq
+                    zero = np.clip(np.round(-low / scale), 0, maxq)
+                scales[(i1 + i) // block], zeros[(i1 + i) // block] = scale, zero
+            q = np.clip(np.round(part[i] / scale) + zero, 0, maxq)
+            codes[i1 + i] = q
+            error = (part[i] - (q - zero) * scale) / hinv[i1 + i, i1 + i]
+            part[i:] -= np.outer(hinv[i1 + i, i1 + i:i2], error)
+            errors[i] = error
+        weights[i2:] -= hinv[i1:i2, i2:].T @ errors
+    return _from_codes(codes.T, scales.T, None if symmetric else zeros.T.astype(np.uint8), bits, block, k,
+                       np.float32)
+
+
+def quantize_weight(w: np.ndarray, bits: int, config: Int4Config, algo: str | None = None,
+                    hessian: np.ndarray | None = None, block: int | None = None) -> Packed:
+    """Quantize w [K, N] to `bits` with blocks along K, a chunk of output channels at a time."""
+    algo = algo or config.algo
+    block, symmetric = block or config.block_size, config.symmetric and algo in ("rtn", "gptq")
+    parts = []
+    for start in range(0, w.shape[1], CHUNK_ROWS):
+        chunk = np.asarray(w[:, start:start + CHUNK_ROWS], dtype=np.float32)
+        if algo == "rtn":
+            parts.append(_rtn(chunk, bits, block, symmetric))
+        elif algo == "k_quant":
+            parts.append(_k_quant(chunk, bits, block))
+        elif algo == "hqq":
+            parts.append(_hqq(chunk, bits, block))
+        elif algo == "gptq":
+            if hessian is None:
+                raise KoedgeError("gptq needs calibration activations for every MatMul")
+            parts.append(_gptq(chunk, hessian, bits, block, symmetric, config))
+        else:
+            raise KoedgeError(f"unknown INT4 algorithm '{algo}'")
+    if len(parts) == 1:
+        return parts[0]
+    zero = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
+    return Packed(np.concatenate([p.data for p in parts]), np.concatenate([p.scales for p in parts]), zero,
+                  bits, block, w.shape[0])
+
+
+def dequantize(packed: Packed) -> np.ndarray:
+    """The [K, N] weight MatMulNBits computes with (for checks and tests)."""
+    n, blocks, blob = packed.data.shape
+    raw = packed.data.reshape(n, -1)
+    if packed.bits == 4:
+        codes = np.empty((n, raw.shape[1] * 2), np.float32)
+        codes[:, 0::2], codes[:, 1::2] = raw & 0x0F, raw >> 4
+    else:
+        codes = raw.astype(np.float32)
+    if packed.zero_points is None:
+        zp = np.full((n, blocks), 2 ** (packed.bits - 1), np.float32)
+    elif packed.zero_points.dtype.kind == "f":
+        zp = packed.zero_points.astype(np.float32)
+    elif packed.bits == 4:
+        zp = np.empty((n, packed.zero_points.shape[1] * 2), np.float32)
+        zp[:, 0::2], zp[:, 1::2] = packed.zero_points & 0x0F, packed.zero_points >> 4
+        zp = zp[:, :blocks]
+    else:
+        zp = packed.zero_points.astype(np.float32)
+    values = (codes.reshape(n, blocks, -1) - zp[..., None]) * packed.scales.astype(np.float32)[..., None]
+    return values.reshape(n, -1)[:, :packed.k].T
+
+
+# --- the graph ----------------------------------------------------------------------------------------------
+
+class WeightReader:
+    """Initializers by name, external ones memory-mapped from the data file (no full load)."""
+
+    def __init__(self, model: onnx.ModelProto, folder: Path):
+        self.folder = folder
+        self.tensors = {tensor.name: tensor for tensor in model.graph.initializer}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].dims)
+
+    def array(self, name: str) -> np.ndarray:
+        tensor = self.tensors[name]
+        if tensor.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(tensor)
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.memmap(self.folder / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+                         shape=tuple(tensor.dims))
+
+
+@dataclass
+class Table:
+    """The embedding Gather and, when present, the LM head that reads the same matrix."""
+
+    gather: onnx.NodeProto
+    weight: str  # [V, H]
+    lm_head: onnx.NodeProto | None = None  # FusedMatMul(x, E, transB=1) when tied, else MatMul(x, W [H, V])
+    lm_weight: str | None = None
+
+    @property
+    def tied(self) -> bool:
+        return self.lm_head is not None and self.lm_weight == self.weight
+
+
+def find_table(model: onnx.ModelProto, reader: WeightReader) -> Table | None:
+    gathers = [node for node in model.graph.node if node.op_type == "Gather" and node.input[0] in reader
+               and len(reader.shape(node.input[0])) == 2]
+    if not gathers:
+        return None
+    gather = max(gathers, key=lambda node: np.prod(reader.shape(node.input[0])))
+    vocab, hidden = reader.shape(gather.input[0])
+    table = Table(gather, gather.input[0])
+    for node in model.graph.node:
+        if node.op_type == "FusedMatMul" and node.input[1] == table.weight:
+            table.lm_head, table.lm_weight = node, node.input[1]
+        elif node.op_type == "MatMul" and node.input[1] in reader and reader.shape(node.input[1]) == (hidden, vocab):
+            table.lm_head, table.lm_weight = node, node.input[1]
+    return table
+
+
+def is_quantized(model: onnx.ModelProto) -> str | None:
+    """The first quantized op found, or None for a float graph."""
+    quantized = {"MatMulNBits", "GatherBlockQuantized", "QuantizeLinear", "DequantizeLinear", "MatMulInteger",
+                 "DynamicQuantizeLinear", "QLinearMatMul"}
+    return next((node.op_type for node in model.graph.node if node.op_type in quantized), None)
+
+
+class GraphWriter:
+    """Collects the node replacements and new initializers, then rewrites the graph once."""
+
+    def __init__(self, model: onnx.ModelProto, config: Int4Config):
+        self.model, self.config = model, config
+        self.replace: dict[int, list[onnx.NodeProto]] = {}
+        self.initializers: list[onnx.TensorProto] = []
+        self.dropped: set[str] = set()
+        self.index = {id(node): i for i, node in enumerate(model.graph.node)}
+
+    def add(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def add_packed(self, prefix: str, packed: Packed) -> list[str]:
+        names = [self.add(f"{prefix}_Q{packed.bits}", packed.data), self.add(f"{prefix}_scales", packed.scales)]
+        if packed.zero_points is not None:
+            names.append(self.add(f"{prefix}_zp", packed.zero_points))
+        return names
+
+    def matmul_nbits(self, node: onnx.NodeProto, activation: str, names: list[str], packed: Packed, n: int,
+                     name: str) -> onnx.NodeProto:
+        attrs = dict(K=packed.k, N=n, bits=packed.bits, block_size=packed.block_size)
+        if self.config.accuracy_level:
+            attrs["accuracy_level"] = self.config.accuracy_level
+        return helper.make_node("MatMulNBits", [activation, *names], list(node.output), name=name,
+                                domain="com.microsoft", **attrs)
+
+    def swap(self, node: onnx.NodeProto, new_nodes: list[onnx.NodeProto], dropped: str | None = None) -> None:
+        self.replace[self.index[id(node)]] = new_nodes
+        if dropped:
+            self.dropped.add(dropped)
+
+    def apply(self) -> None:
+        graph = self.model.graph
+        nodes = []
+        for i, node in enumerate(graph.node):
+            nodes.extend(self.replace.get(i, [node]))
+        still_used = {name for node in nodes for name in node.input}
+        keep = [t for t in graph.initializer if not (t.name in self.dropped and t.name not in still_used)]
+        graph.ClearField("node")
+        graph.node.extend(nodes)
+        graph.ClearField("initializer")
+        graph.initializer.extend(keep + self.initializers)
+        if not any(opset.domain == "com.microsoft" for opset in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def _matmul_targets(model: onnx.ModelProto, reader: WeightReader, table: Table | None) -> list[onnx.NodeProto]:
+    lm_head = table.lm_head if table else None
+    return [node for node in model.graph.node if node.op_type == "MatMul" and node is not lm_head
+            and node.input[1] in reader and len(reader.shape(node.input[1])) == 2]
+
+
+def _bits_for(node: onnx.NodeProto, config: Int4Config) -> int:
+    return 8 if any(fragment in node.name for fragment in config.int8) else 4
+
+
+def _shared_table(writer: GraphWriter, table: Table, packed: Packed, vocab: int, hidden: int) -> None:
+    """Tied: MatMulNBits (LM head) and GatherBlockQuantized (embedding) read one quantized tensor."""
+    prefix = table.weight
+    names = writer.add_packed(prefix, packed)
+    data, scales = names[0], names[1]
+    blocks = packed.data.shape[1]
+    head = table.lm_head
+    writer.swap(head, [writer.matmul_nbits(head, head.input[0], names, packed, vocab, head.name + "_Q")])
+    # GatherBlockQuantized wants scales (and zero points) of the data's rank: [V, blocks, 1].
+    shape3 = writer.add(f"{prefix}_shape3", np.array([vocab, blocks, 1], np.int64))
+    nodes = [helper.make_node("Reshape", [scales, shape3], [f"{scales}_3d"], name=f"{prefix}_scales_3d")]
+    gather_inputs = [data, table.gather.input[1], f"{scales}_3d"]
+    if packed.zero_points is not None:
+        if packed.bits == 8:
+            nodes.append(helper.make_node("Reshape", [names[2], shape3], [f"{names[2]}_3d"], name=f"{prefix}_zp_3d"))
+            gather_inputs.append(f"{names[2]}_3d")
+        else:  # 4-bit zero points are packed in pairs along the blocks; the gather needs one per byte
+            zp = np.empty((vocab, packed.zero_points.shape[1] * 2), np.uint8)
+            zp[:, 0::2], zp[:, 1::2] = packed.zero_points & 0x0F, packed.zero_points >> 4
+            gather_inputs.append(writer.add(f"{prefix}_zp_gather", zp[:, :blocks].reshape(vocab, blocks, 1)))
+    gathered = f"{table.gather.output[0]}_blocks"
+    nodes.append(helper.make_node("GatherBlockQuantized", gather_inputs, [gathered], name=table.gather.name + "_Q",
+                                  domain="com.microsoft", gather_axis=0, quantize_axis=2,
+                                  block_size=packed.block_size, bits=packed.bits))
+    padded = blocks * packed.block_size
+    flat = writer.add(f"{prefix}_flat", np.array([0, 0, padded], np.int64))
+    if padded == hidden:
+        nodes.append(helper.make_node("Reshape", [gathered, flat], list(table.gather.output), name=f"{prefix}_flat"))
+    else:
+        nodes.append(helper.make_node("Reshape", [gathered, flat], [f"{gathered}_flat"], name=f"{prefix}_flat"))
+        starts, ends = writer.add(f"{prefix}_starts", np.array([0], np.int64)), writer.add(
+            f"{prefix}_ends", np.array([hidden], np.int64))
+        axes = writer.add(f"{prefix}_axes", np.array([-1], np.int64))
+        nodes.append(helper.make_node("Slice", [f"{gathered}_flat", starts, ends, axes], list(table.gather.output),
+                                      name=f"{prefix}_unpad"))
+    writer.swap(table.gather, nodes, dropped=table.weight)
+
+
+def _own_gather(writer: GraphWriter, table: Table, packed: Packed, vocab: int) -> None:
+    """Untied embedding: GatherBlockQuantized over its own [V, H*bits/8] table."""
+    prefix = table.weight
+    data = writer.add(f"{prefix}_Q{packed.bits}", packed.data.reshape(vocab, -1))
+    scales = writer.add(f"{prefix}_scales", packed.scales)
+    inputs = [data, table.gather.input[1], scales]
+    if packed.zero_points is not None:
+        inputs.append(writer.add(f"{prefix}_zp", packed.zero_points))
+    node = helper.make_node("GatherBlockQuantized", inputs, list(table.gather.output), name=table.gather.name + "_Q",
+                            domain="com.microsoft", gather_axis=0, quantize_axis=1,
+                            block_size=packed.block_size, bits=packed.bits)
+    writer.swap(table.gather, [node], dropped=table.weight)
+
+
+def _table_algo(config: Int4Config) -> str:
+    # GatherBlockQuantized takes integer zero points only, so HQQ's float zero points cannot be shared.
+    return "k_quant" if config.algo == "hqq" else config.algo
+
+
+# --- GPTQ calibration -----------------------------------------------------------------------------------------
+
+def _hessians(src: Path, model: onnx.ModelProto, inputs: list[str], config: Int4Config,
+              progress: Callable[[str], None]) -> dict[str, np.ndarray]:
+    """X^T X of each MatMul input over Korean calibration prefills and decode steps (FP32 source bundle)."""
+    from exporter.calibration import CalibrationConfig, KVCacheReader, build_sequences
+    from runtime.model import CausalLM
+
+    hessians: dict[str, np.ndarray] = {}
+    groups, group, used = [], [], 0
+    dims = _input_dims(model, inputs)
+    for name in inputs:
+        size = dims[name] ** 2 * 8
+        if group and used + size > config.hessian_budget_mb * 1e6:
+            groups.append(group)
+            group, used = [], 0
+        group.append(name)
+        used += size
+    groups.append(group)
+    reference = CausalLM(src)
+    # Prefills only: a weight's Hessian needs the distribution of its inputs, which decode steps share.
+    calibration = CalibrationConfig(source=config.calib_source, samples=config.calib_samples, holdout=0,
+                                    max_length=config.calib_max_length, min_length=min(64, config.calib_max_length),
+                                    decode_steps=0)
+    sequences, _ = build_sequences(reference, calibration)
+    for number, group in enumerate(groups, 1):
+        session = _probe_session(src, group)
+        progress(f"gptq: calibration pass {number}/{len(groups)} over {len(sequences)} Korean sequences "
+                 f"({len(group)} MatMul inputs)")
+        sums = {name: np.zeros((dims[name], dims[name])) for name in group}
+        reader = KVCacheReader(reference, sequences)
+        while (feeds := reader.get_next()) is not None:
+            for name, value in zip(group, session.run(group, feeds)):
+                x = value.reshape(-1, value.shape[-1]).astype(np.float64)
+                sums[name] += x.T @ x
+        del session
+        hessians.update(sums)
+    return hessians
+
+
+def _probe_session(src: Path, outputs: list[str]):
+    """The source graph with `outputs` added, loaded from bytes; weights still come from src's data file."""
+    import onnxruntime as ort
+
+    from runtime.session import SessionConfig, session_options
+
+    probe = onnx.load(str(src / ONNX_FILE), load_external_data=False)
+    known = {output.name for output in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs if name not in known)
+    options = session_options(SessionConfig())
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(src.resolve()))
+    return ort.InferenceSession(probe.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _input_dims(model: onnx.ModelProto, inputs: list[str]) -> dict[str, int]:
+    reader_dims = {}
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.input and node.input[0] in inputs and len(node.input) > 1 and node.input[1] in weights:
+            shape = weights[node.input[1]]
+            k = shape[1] if node.op_type == "FusedMatMul" else shape[0]
+            reader_dims[node.input[0]] = k
+    return reader_dims
+
+
+# --- the pass -------------------------------------------------------------------------------------------------
+
+def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
+                  progress: Callable[[str], None] = print) -> dict:
+    """Write dst/model.onnx (+ model.onnx.data): src's graph with weight-only quantized MatMuls and embedding.
+
+    Returns what the manifest records: the mix of precisions, bytes before and after, and the table sharing.
+    """
+    from tqdm import tqdm
+
+    config.check()
+    src, dst = Path(src), Path(dst)
+    started = time.perf_counter()
+    model = onnx.load(str(src / ONNX_FILE), load_external_data=False)
+    if op := is_quantized(model):
+        raise KoedgeError(f"{src} is already quantized (it has {op} nodes); quantize its FP32 bundle instead")
+    reader = WeightReader(model, src)
+    table = find_table(model, reader)
+    targets = _matmul_targets(model, reader, table)
+    if not targets:
+        raise KoedgeError(f"{src} has no MatMul with a constant 2-D weight to quantize")
+    hessians: dict[str, np.ndarray] = {}
+    if config.algo == "gptq":
+        inputs = list(dict.fromkeys(node.input[0] for node in targets))
+        if table and table.lm_head is not None and config.embedding != "fp32":
+            inputs.append(table.lm_head.input[0])
+        hessians = _hessians(src, model, inputs, config, progress)
+    writer = GraphWriter(model, config)
+    mix = {"int4": [], "int8": []}
+    float_bytes = quant_bytes = 0
+    progress(f"quantizing {len(targets)} MatMuls with {config.algo} (block {config.block_size}"
+             f"{', symmetric' if config.symmetric else ''})")
+    for node in tqdm(targets, desc="MatMulNBits", unit="matmul", leave=False):
+        weight = node.input[1]
+        w = reader.array(weight)
+        bits = _bits_for(node, config)
+        packed = quantize_weight(w, bits, config, hessian=hessians.get(node.input[0]))
+        names = writer.add_packed(weight, packed)
+        writer.swap(node, [writer.matmul_nbits(node, node.input[0], names, packed, w.shape[1], node.name + "_Q")],
+                    dropped=weight)
+        mix[f"int{bits}"].append(node.name)
+        float_bytes += w.nbytes
+        quant_bytes += packed.nbytes
+        del w
+    table_result = _quantize_table(writer, reader, table, config, hessians, progress)
+    float_bytes += table_result.pop("float_bytes", 0)
+    quant_bytes += table_result.pop("quant_bytes", 0)
+    writer.apply()
+    _save(model, src, dst)
+    onnx.checker.check_model(str(dst / ONNX_FILE))
+    return {
+        "matmuls_int4": len(mix["int4"]), "matmuls_int8": len(mix["int8"]), "int8_matmuls": mix["int8"],
+        **table_result,
+        "weight_bytes_before": int(float_bytes), "weight_bytes_after": int(quant_bytes),
+        "quantize_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _quantize_table(writer: GraphWriter, reader: WeightReader, table: Table | None, config: Int4Config,
+                    hessians: dict[str, np.ndarray], progress: Callable[[str], None]) -> dict:
+    if table is None or config.embedding == "fp32":
+        return {"embedding": "fp32" if table else "none", "tied_shared": False}
+    bits = 8 if config.embedding == "int8" else 4
+    algo = _table_algo(config)
+    vocab, hidden = reader.shape(table.weight)
+    hessian = hessians.get(table.lm_head.input[0]) if table.lm_head is not None else None
+    progress(f"quantizing the {vocab:,} x {hidden} embedding to {config.embedding} with {algo}"
+             f"{' (shared with the tied LM head)' if table.tied else ''}")
+    embedding = reader.array(table.weight)
+    block = config.embedding_block_size or config.block_size
+    packed = quantize_weight(embedding.T, bits, config, algo=algo, hessian=hessian, block=block)
+    result = {"embedding": config.embedding, "embedding_algo": algo, "embedding_block_size": block,
+              "tied_shared": table.tied,
+              "float_bytes": embedding.nbytes, "quant_bytes": packed.nbytes}
+    if table.tied:
+        _shared_table(writer, table, packed, vocab, hidden)
+        return result
+    _own_gather(writer, table, packed, vocab)
+    if table.lm_head is not None:
+        head = reader.array(table.lm_weight)
+        head_packed = quantize_weight(head, bits, config, algo=algo, hessian=hessian, block=block)
+        names = writer.add_packed(table.lm_weight, head_packed)
+        writer.swap(table.lm_head, [writer.matmul_nbits(table.lm_head, table.lm_head.input[0], names, head_packed,
+                                                        head.shape[1], table.lm_head.name + "_Q")],
+                    dropped=table.lm_weight)
+        result["float_bytes"] += head.nbytes
+        result["quant_bytes"] += head_packed.nbytes
+    return result
+
+
+def _save(model: onnx.ModelProto, src: Path, dst: Path) -> None:
+    """Pull the remaining float initializers in from src's data file and write dst with external data."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            load_external_data_for_tensor(tensor, str(src))
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
+    onnx.save_model(model, str(dst / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    (dst / DATA_FILE).chmod(0o644)

@@ -1,0 +1,554 @@
+"""Static INT8 (QDQ) quantization with Korean calibration, made accuracy-aware.
+
+Built on onnxruntime.quantization (calibrators, QDQQuantizer); what is ours:
+- calibration runs on a copy of the graph without the LM head (its [seq, vocab] logits are the
+  biggest cost and tensor of a calibration run) and is fed prefills plus decode steps;
+- the embedding and the LM head (tied or not) become one INT8 block-quantized tensor read by
+  GatherBlockQuantized and MatMulNBits, so a tied matrix stays stored once;
+- a sensitivity search on held-out calibration text: each group of activation Q/DQ pairs (one
+  kind of MatMul input, or one layer) can be switched to float through a graph input, the KL vs
+  FP32 of each switch is measured in one session, and the worst groups are kept in float until
+  the accuracy target is met.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from exporter.calibration import CalibrationConfig, KVCacheReader, Sequence, build_sequences
+from runtime.bundle import read_manifest
+from runtime.errors import KoedgeError
+from runtime.model import CausalLM
+from runtime.session import SessionConfig
+
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass
+class Int8StaticConfig:
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    method: str = "minmax"  # minmax | entropy | percentile
+    percentile: float = 99.999  # for method=percentile
+    per_channel: bool = True  # weights: one scale per output channel
+    symmetric_activations: bool = False
+    op_types: tuple[str, ...] = ("MatMul",)  # what gets Q/DQ; elementwise ops stay float
+    embedding_block_size: int = 128  # INT8 blocks of the embedding / LM head tensor
+    accuracy_aware: bool = True  # search which activation groups to keep in float
+    target_ppl_increase: float = 0.02  # on the held-out calibration split
+    target_same_top1: float = 0.95
+    max_float_groups: int = 8
+    threads: int = 0
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise KoedgeError(f"unknown calibration method '{self.method}' (choose from {', '.join(METHODS)})")
+        if self.embedding_block_size < 16 or self.embedding_block_size & (self.embedding_block_size - 1):
+            raise KoedgeError(f"embedding block size must be a power of two >= 16, not {self.embedding_block_size}")
+        if not 0 < self.percentile <= 100:
+            raise KoedgeError(f"percentile must be in (0, 100], not {self.percentile}")
+        self.calibration.check()
+
+
+# --- the graph without its LM head ---------------------------------------------------------------
+@dataclass
+class Head:
+    """The LM head and the embedding it may share."""
+
+    node: str
+    hidden: str  # the LM head's input: the final norm's output
+    logits: str
+    weight: str  # initializer name
+    transposed: bool  # weight is [vocab, hidden] (tied FusedMatMul transB=1) rather than [hidden, vocab]
+    embedding: str | None  # the Gather's initializer ([vocab, hidden]); equal to weight when tied
+
+
+def find_head(model: onnx.ModelProto, logits: str) -> Head:
+    inits = {tensor.name: tensor for tensor in model.graph.initializer}
+    node = next((n for n in model.graph.node if logits in n.output), None)
+    if node is None or node.op_type not in ("MatMul", "FusedMatMul") or node.input[1] not in inits:
+        raise KoedgeError(f"cannot find the LM head: '{logits}' is not made by a MatMul with a weight")
+    trans_b = any(attr.name == "transB" and attr.i == 1 for attr in node.attribute)
+    if any(attr.name == "transA" and attr.i for attr in node.attribute):
+        raise KoedgeError("unsupported LM head: a MatMul with transA")
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+               and len(inits[n.input[0]].dims) == 2]
+    embedding = gathers[0].input[0] if len(gathers) == 1 else None
+    return Head(node.name, node.input[0], logits, node.input[1], trans_b, embedding)
+
+
+def write_work_bundle(src: Path, work: Path, progress) -> tuple[Head, Path, np.ndarray | None]:
+    """The FP32 graph without the LM head, as a bundle CausalLM can run (its 'logits' = last hidden).
+
+    Returns the head, the graph's path, and an untied head's weight (memory-mapped from work/).
+    """
+    manifest = read_manifest(src)
+    model = onnx.load(str(src / manifest.onnx_file))
+    head = find_head(model, manifest.io.logits)
+    node = next(n for n in model.graph.node if n.name == head.node and head.logits in n.output)
+    model.graph.node.remove(node)
+    outputs = [o for o in model.graph.output if o.name != head.logits]
+    del model.graph.output[:]
+    model.graph.output.extend([helper.make_tensor_value_info(head.hidden, onnx.TensorProto.FLOAT, None), *outputs])
+    head_weight = None
+    if head.embedding != head.weight:  # untied: set the head's weight aside, calibration does not need it
+        tensor = next(t for t in model.graph.initializer if t.name == head.weight)
+        np.save(work / "head.npy", numpy_helper.to_array(tensor))
+        model.graph.initializer.remove(tensor)
+        head_weight = np.load(work / "head.npy", mmap_mode="r")
+    path = work / ONNX_FILE
+    _save(model, path)
+    del model
+    manifest.io.logits = head.hidden
+    (work / "koedge.json").write_text(manifest.to_json(), encoding="utf-8")
+    shutil.copy(src / "tokenizer.json", work / "tokenizer.json")
+    progress(f"graph without LM head written for calibration ({(work / DATA_FILE).stat().st_size / 1e6:,.0f} MB)")
+    return head, path, head_weight
+
+
+# --- calibration ----------------------------------------------------------------------------------
+class _OneFeed:
+    """A reader over a single feed: onnxruntime's calibrators hold every output of one collect_data
+    call in memory, so feeding them one input at a time bounds their memory to one run."""
+
+    def __init__(self, feed: dict):
+        self.feed = feed
+
+    def get_next(self):
+        feed, self.feed = self.feed, None
+        return feed
+
+
+def calibrate(model_path: Path, reader: KVCacheReader, config: Int8StaticConfig, progress):
+    """Activation ranges of every tensor the quantizer will touch (inputs of config.op_types)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+    from tqdm import tqdm
+
+    from runtime.session import session_options
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[config.method]
+    options = {"symmetric": config.symmetric_activations}
+    if config.method == "percentile":
+        options["percentile"] = config.percentile
+    augmented = model_path.with_name("augmented.onnx")
+    calibrator = create_calibrator(model_path, list(config.op_types), augmented_model_path=str(augmented),
+                                   calibrate_method=method, use_external_data_format=True, extra_options=options)
+    calibrator.model = None  # the loaded graph (weights included) is not needed once augmented
+    # onnxruntime's calibrator session disables every optimization; an optimized one computes the
+    # same tensors (fusions keep tensors other nodes read) in about half the time.
+    calibrator.infer_session = ort.InferenceSession(
+        str(augmented), sess_options=session_options(SessionConfig(threads=config.threads)),
+        providers=["CPUExecutionProvider"])
+    progress(f"calibrating ({config.method}) on {len(reader)} feeds: prefills and decode steps")
+    for feed in tqdm(iter(reader.get_next, None), total=len(reader), desc="calibrate", unit="feed", leave=False):
+        calibrator.collect_data(_OneFeed(feed))
+    ranges = calibrator.compute_data()
+    del calibrator
+    return ranges
+
+
+# --- QDQ ------------------------------------------------------------------------------------------
+def quantize_qdq(model_path: Path, ranges, config: Int8StaticConfig) -> onnx.ModelProto:
+    """onnxruntime's QDQ quantizer over config.op_types: per-channel INT8 weights, UINT8 activations.
+
+    Only MatMuls with a weight are quantized: the attention products and the rotary MatMul have
+    none, and their inputs (softmax probabilities in [0, 1], inverse frequencies down to 1e-6,
+    positions) are exactly what a per-tensor UINT8 scale destroys.
+    MatMul outputs get no Q/DQ: onnxruntime then fuses DQ->MatMul into MatMulIntegerToFloat,
+    whose float output loses nothing before the float ops (norms, softmax, adds) that follow.
+    """
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
+
+    model = load_model_with_shape_infer(model_path)
+    inits = {tensor.name for tensor in model.graph.initializer}
+    nodes = [node.name for node in model.graph.node if node.op_type in config.op_types and node.input[1] in inits]
+    options = {"OpTypesToExcludeOutputQuantization": list(config.op_types),
+               "ActivationSymmetric": config.symmetric_activations, "WeightSymmetric": True}
+    quantizer = QDQQuantizer(model, config.per_channel, False, QuantType.QInt8, QuantType.QUInt8, ranges,
+                             nodes, [], list(config.op_types), options)
+    return quantizer.quantize_model()
+
+
+# --- embedding and LM head: one INT8 tensor ---------------------------------------------------------
+def _block_size(hidden: int, wanted: int) -> int:
+    size = wanted
+    while size >= 16 and hidden % size:
+        size //= 2
+    if size < 16:
+        raise KoedgeError(f"hidden size {hidden} has no power-of-two block >= 16 for INT8 embedding blocks")
+    return size
+
+
+def quantize_rows(matrix: np.ndarray, block_size: int, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT8 blocks along each row, stored as uint8 around 128 (the zero point both
+    GatherBlockQuantized and MatMulNBits assume when none is given). Chunked: the full-size float
+    temporaries of a 262k x 640 matrix would be 670 MB each."""
+    rows, hidden = matrix.shape
+    blocks = hidden // block_size
+    packed = np.empty((rows, blocks, block_size), np.uint8)
+    scales = np.empty((rows, blocks), np.float32)
+    for start in range(0, rows, chunk):
+        part = np.asarray(matrix[start:start + chunk], np.float32).reshape(-1, blocks, block_size)
+        scale = np.abs(part).max(axis=2) / 127.0
+        scale[scale == 0] = 1.0
+        packed[start:start + chunk] = (np.clip(np.rint(part / scale[..., None]), -127, 127) + 128).astype(np.uint8)
+        scales[start:start + chunk] = scale
+    return packed, scales
+
+
+def _int8_tensor(model: onnx.ModelProto, name: str, matrix: np.ndarray, block_size: int) -> int:
+    """Add `name` (uint8 [rows, blocks, block]) and `name`_scales ([rows, blocks]); returns the block size."""
+    size = _block_size(matrix.shape[1], block_size)
+    packed, scales = quantize_rows(matrix, size)
+    model.graph.initializer.extend([numpy_helper.from_array(packed, name),
+                                    numpy_helper.from_array(scales, name + "_scales")])
+    return size
+
+
+def _gather_int8(model: onnx.ModelProto, gather: onnx.NodeProto, name: str, size: int) -> None:
+    """Gather(E, ids) -> Reshape(GatherBlockQuantized(E_int8, ids), [0, 0, -1])."""
+    graph = model.graph
+    scales = next(t for t in graph.initializer if t.name == name + "_scales")
+    rows, blocks = scales.dims
+    scales_3d = numpy_helper.from_array(numpy_helper.to_array(scales).reshape(rows, blocks, 1), name + "_gather_scales")
+    shape = numpy_helper.from_array(np.array([0, 0, -1], np.int64), name + "_gather_shape")
+    graph.initializer.extend([scales_3d, shape])
+    blocks_out = gather.output[0] + "_blocks"
+    index = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    graph.node.insert(index, helper.make_node("Reshape", [blocks_out, shape.name], list(gather.output),
+                                              name=gather.name + "_reshape"))
+    graph.node.insert(index, helper.make_node(
+        "GatherBlockQuantized", [name, gather.input[1], scales_3d.name], [blocks_out], name=gather.name,
+        domain="com.microsoft", gather_axis=0, quantize_axis=2, block_size=size, bits=8))
+
+
+def attach_int8_head(model: onnx.ModelProto, head: Head, head_weight: np.ndarray | None, block_size: int) -> dict:
+    """LM head -> MatMulNBits (8 bits) and embedding Gather -> GatherBlockQuantized (8 bits).
+
+    A tied pair reads one uint8 tensor (only the small scales exist twice: the two ops want
+    them in different ranks). The head's activations stay float: weight-only INT8 there costs
+    almost nothing, and a per-tensor UINT8 input scale before a 262k-way softmax costs much.
+    """
+    graph = model.graph
+    inits = {tensor.name: tensor for tensor in graph.initializer}
+    tied = head.embedding is not None and head.embedding == head.weight
+    matrix = numpy_helper.to_array(inits[head.weight]) if tied else head_weight
+    if not head.transposed:
+        matrix = np.ascontiguousarray(np.asarray(matrix).T)  # MatMulNBits wants [N=vocab, K=hidden]
+    vocab, hidden = matrix.shape
+    name = head.weight + "_int8"
+    size = _int8_tensor(model, name, matrix, block_size)
+    del matrix
+    graph.node.append(helper.make_node("MatMulNBits", [head.hidden, name, name + "_scales"], [head.logits],
+                                       name=head.node or "lm_head", domain="com.microsoft", K=hidden, N=vocab,
+                                       bits=8, block_size=size))
+    if head.embedding is not None:
+        gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0] == head.embedding)
+        if not tied:
+            name = head.embedding + "_int8"
+            _int8_tensor(model, name, numpy_helper.to_array(inits[head.embedding]), block_size)
+        _gather_int8(model, gather, name, size)
+        graph.initializer.remove(inits[head.embedding])
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return {"lm_head": "MatMulNBits 8-bit, float activations",
+            "embedding": "GatherBlockQuantized 8-bit" if head.embedding else "none found",
+            "tied_embedding_shared": tied, "block_size": size}
+
+
+# --- activation groups and the float switches -----------------------------------------------------
+@dataclass
+class Activation:
+    """One activation Q/DQ pair: the float tensor, and where it sits."""
+
+    tensor: str
+    dequantized: str
+    kind: str  # what reads it, e.g. "q_proj+k_proj+v_proj" or "down_proj"
+    layer: int | None
+
+
+def _short_kind(node_name: str) -> str:
+    rest = re.split(r"layers\.\d+/", node_name)[-1].strip("/")
+    parts = rest.split("/")
+    if len(parts) >= 2 and parts[-1].startswith(("MatMul", "Gemm", "Conv")):
+        return parts[-2]
+    return rest
+
+
+def activation_pairs(model: onnx.ModelProto) -> list[Activation]:
+    inits = {tensor.name for tensor in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    pairs = []
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits:
+            continue
+        dq = next(n for n in readers[node.output[0]] if n.op_type == "DequantizeLinear")
+        consumers = [n for n in readers.get(dq.output[0], []) if n.op_type not in ("Shape", "Size")]
+        kinds = list(dict.fromkeys(_short_kind(n.name) for n in consumers))
+        layers = {int(m.group(1)) for n in consumers if (m := re.search(r"layers\.(\d+)/", n.name))}
+        pairs.append(Activation(node.input[0], dq.output[0], "+".join(kinds), layers.pop() if len(layers) == 1 else None))
+    return pairs
+
+
+def keep_float(model: onnx.ModelProto, tensors: set[str]) -> None:
+    """Remove the Q/DQ pairs of these activations: their readers take the float tensor again."""
+    graph = model.graph
+    drop, rename = [], {}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in tensors:
+            drop.append(node)
+    quantized = {node.output[0]: node.input[0] for node in drop}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in quantized:
+            drop.append(node)
+            rename[node.output[0]] = quantized[node.input[0]]
+    for node in drop:
+        graph.node.remove(node)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name in rename:
+                node.input[index] = rename[name]
+    used = {name for node in graph.node for name in node.input}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+
+
+def switched_copy(model: onnx.ModelProto, pairs: list[Activation]) -> onnx.ModelProto:
+    """A copy where graph input `koedge_float_i` (bool) routes activation i around its Q/DQ pair,
+    so one session measures any mix of float and INT8 activations."""
+    switched = onnx.ModelProto()
+    switched.CopyFrom(model)
+    graph = switched.graph
+    by_output = {pair.dequantized: index for index, pair in enumerate(pairs)}
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        index = by_output.get(node.output[0]) if node.op_type == "DequantizeLinear" else None
+        if index is not None:
+            pair = pairs[index]
+            graph.input.append(helper.make_tensor_value_info(f"koedge_float_{index}", onnx.TensorProto.BOOL, []))
+            nodes.append(helper.make_node("Where", [f"koedge_float_{index}", pair.tensor, pair.dequantized],
+                                          [pair.dequantized + "_mixed"], name=f"koedge_switch_{index}"))
+    for node in nodes:
+        if not node.name.startswith("koedge_switch_"):
+            for position, name in enumerate(node.input):
+                if name in by_output:
+                    node.input[position] = name + "_mixed"
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return switched
+
+
+# --- judging a mix on held-out text -----------------------------------------------------------------
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float32) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class Reference:
+    """FP32 next-token log-probabilities on the held-out sequences (float16: ~0.5 MB a token)."""
+
+    sequences: list[list[int]]
+    logprobs: list[np.ndarray]
+    nll: float
+    tokens: int
+
+
+def holdout_reference(src: Path, sequences: list[Sequence], threads: int) -> Reference:
+    model = CausalLM(src, SessionConfig(threads=threads))
+    ids_list, logprobs, nll, tokens = [], [], 0.0, 0
+    for sequence in sequences:
+        ids = sequence.ids
+        scores = log_softmax(model.step(np.array([ids]), model.empty_past()).logits[0, :-1])
+        nll -= float(scores[np.arange(len(ids) - 1), ids[1:]].sum())
+        tokens += len(ids) - 1
+        ids_list.append(ids)
+        logprobs.append(scores.astype(np.float16))
+    return Reference(ids_list, logprobs, nll, tokens)
+
+
+def compare(reference: Reference, logits: list[np.ndarray]) -> dict:
+    """Perplexity increase, mean KL(FP32 || quantized) and same-top-1 over every held-out position."""
+    nll, kl_sum, same = 0.0, 0.0, 0
+    for ids, ref, out in zip(reference.sequences, reference.logprobs, logits):
+        scores = log_softmax(out[: len(ids) - 1])
+        ref32 = ref.astype(np.float32)
+        nll -= float(scores[np.arange(len(ids) - 1), ids[1:]].sum())
+        kl_sum += float((np.exp(ref32) * (ref32 - scores)).sum())
+        same += int((ref32.argmax(-1) == scores.argmax(-1)).sum())
+    n = reference.tokens
+    return {"ppl_increase": float(np.exp((nll - reference.nll) / n) - 1), "kl_mean": kl_sum / n,
+            "same_top1": same / n}
+
+
+def meets(result: dict, config: Int8StaticConfig) -> bool:
+    return result["ppl_increase"] <= config.target_ppl_increase and result["same_top1"] >= config.target_same_top1
+
+
+class _Feeds:
+    """CausalLM's feed building without its session: the judge runs its own graph."""
+
+    def __init__(self, manifest):
+        self.manifest = manifest
+
+    feeds = CausalLM.feeds
+    empty_past = CausalLM.empty_past
+    kv_names = CausalLM.kv_names
+    kv_dtype = CausalLM.kv_dtype
+    num_layers = CausalLM.num_layers
+
+
+class MixJudge:
+    """Runs the switched graph on the held-out sequences for any set of activations kept in float."""
+
+    def __init__(self, path: Path, pairs: list[Activation], reference: Reference, manifest, threads: int):
+        from runtime.session import create_session
+
+        self.session = create_session(path, SessionConfig(threads=threads))
+        self.pairs, self.reference, self.runner = pairs, reference, _Feeds(manifest)
+        self.logits_name = manifest.io.logits
+        self.runs = 0
+
+    def __call__(self, floating: set[str]) -> dict:
+        switches = {f"koedge_float_{i}": np.array(pair.tensor in floating) for i, pair in enumerate(self.pairs)}
+        outputs = []
+        for ids in self.reference.sequences:
+            feeds = {**self.runner.feeds(np.array([ids]), 0), **self.runner.empty_past(), **switches}
+            outputs.append(self.session.run([self.logits_name], feeds)[0][0])
+        self.runs += 1
+        return compare(self.reference, outputs)
+
+
+def search_float(judge: MixJudge, pairs: list[Activation], config: Int8StaticConfig, progress) -> tuple[set[str], dict]:
+    """Keep in float the activation groups whose float version helps most, until the target is met.
+
+    Groups are one kind of MatMul input across layers, or one layer's inputs. Each group's
+    sensitivity is the held-out KL when only it stays float; groups are then added in that order.
+    """
+    groups: dict[str, set[str]] = {}
+    for pair in pairs:
+        groups.setdefault(f"kind {pair.kind}", set()).add(pair.tensor)
+        if pair.layer is not None:
+            groups.setdefault(f"layer {pair.layer}", set()).add(pair.tensor)
+    all_int8 = judge(set())
+    progress(f"all activations INT8: held-out PPL {all_int8['ppl_increase']:+.1%}, KL {all_int8['kl_mean']:.3f}, "
+             f"same top-1 {all_int8['same_top1']:.1%}")
+    report = {"all_int8": all_int8, "sensitivity": {}, "steps": [], "met": meets(all_int8, config)}
+    if report["met"]:
+        return set(), report
+    report["all_float"] = judge({pair.tensor for pair in pairs})
+    progress(f"all activations float (weights INT8): held-out PPL {report['all_float']['ppl_increase']:+.1%}")
+    from tqdm import tqdm
+
+    for name in tqdm(groups, desc="sensitivity", unit="group", leave=False):
+        report["sensitivity"][name] = judge(groups[name])
+    ranked = sorted(groups, key=lambda name: report["sensitivity"][name]["kl_mean"])
+    floating: set[str] = set()
+    for name in ranked:
+        if len(report["steps"]) >= config.max_float_groups:
+            break
+        if groups[name] <= floating:
+            continue
+        floating |= groups[name]
+        result = judge(floating)
+        report["steps"].append({"float": name, **result})
+        progress(f"+ {name} float: held-out PPL {result['ppl_increase']:+.1%}, KL {result['kl_mean']:.3f}, "
+                 f"same top-1 {result['same_top1']:.1%}")
+        if meets(result, config):
+            report["met"] = True
+            break
+    return floating, report
+
+
+# --- the pass -------------------------------------------------------------------------------------
+def quantize_int8_static(src_folder: Path, dst_folder: Path, config: Int8StaticConfig,
+                         progress: Callable[[str], None]) -> dict:
+    """Write dst_folder/model.onnx (+ model.onnx.data): static INT8 QDQ of the FP32 bundle in src_folder.
+
+    The caller copies the tokenizer and writes the manifest; the returned dict says what was kept
+    in float and why, with the held-out accuracy of each step, calibration facts and timings.
+    """
+    config.check()
+    src_folder, dst_folder = Path(src_folder), Path(dst_folder)
+    manifest = read_manifest(src_folder)
+    started, times = time.perf_counter(), {}
+
+    def lap(name: str) -> None:
+        times[name] = round(time.perf_counter() - started - sum(times.values()), 1)
+
+    dst_folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".koedge-int8-", dir=dst_folder) as tmp:
+        work = Path(tmp)
+        head, work_model, head_weight = write_work_bundle(src_folder, work, progress)
+        runner = CausalLM(work, SessionConfig(threads=config.threads))
+        calibration, holdout = build_sequences(runner, config.calibration)
+        reader = KVCacheReader(runner, calibration)
+        feeds = len(reader)
+        lap("prepare")
+        ranges = calibrate(work_model, reader, config, progress)
+        del reader, runner
+        lap("calibrate")
+        model = quantize_qdq(work_model, ranges, config)
+        head_report = attach_int8_head(model, head, head_weight, config.embedding_block_size)
+        _restore_outputs(model, src_folder / manifest.onnx_file)
+        pairs = activation_pairs(model)
+        progress(f"QDQ graph: {len(pairs)} activation tensors, LM head and embedding INT8 weight-only")
+        lap("quantize")
+        floating, search = set(), {}
+        if config.accuracy_aware and holdout:
+            progress(f"measuring sensitivity on {len(holdout)} held-out sequences")
+            reference = holdout_reference(src_folder, holdout, config.threads)
+            switched = work / "switched.onnx"
+            _save(switched_copy(model, pairs), switched)
+            judge = MixJudge(switched, pairs, reference, manifest, config.threads)
+            floating, search = search_float(judge, pairs, config, progress)
+            search["runs"] = judge.runs
+            del judge, reference
+        keep_float(model, floating)
+        lap("search")
+        _save(model, dst_folder / ONNX_FILE)
+        lap("save")
+    kept = sorted({f"{pair.kind} (layer {pair.layer})" for pair in pairs if pair.tensor in floating})
+    return {
+        "method": config.method, "calibration": {**asdict(config.calibration), "sequences": len(calibration),
+                                                  "feeds": feeds, "holdout_sequences": len(holdout),
+                                                  "tokens": sum(len(s.ids) for s in calibration)},
+        "activations_int8": len(pairs) - len(floating), "activations_float": len(floating),
+        "kept_float": kept, "kept_float_why": search.get("steps", []), "search": search, "head": head_report,
+        "seconds": times, "total_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _restore_outputs(model: onnx.ModelProto, src_onnx: Path) -> None:
+    original = onnx.load(str(src_onnx), load_external_data=False).graph.output
+    del model.graph.output[:]
+    model.graph.output.extend(original)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    data = path.with_name(path.name + ".data")
+    if data.exists():  # onnx appends to an existing external data file
+        data.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)

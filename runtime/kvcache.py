@@ -1,0 +1,136 @@
+"""The KV cache kept inside onnxruntime across steps, through I/O binding.
+
+Why ping-pong and not an in-place preallocated cache: the Optimum graphs compute
+`present = Concat(past, new)` along the sequence axis, so each step's present is a *new* tensor one
+position longer than its past. A bound output must have exactly the output's shape, and binding a
+past and a present onto the same preallocated buffer would alias a Concat's input and output
+(undefined in onnxruntime). So each step binds the previous step's present OrtValues as its past
+inputs and lets onnxruntime allocate the new presents; the old ones are freed when dropped. The
+cache never goes through numpy. Only logits come back, written straight into a numpy buffer we
+bind (no copy), and for a prefill only its last row is kept.
+
+Sliding-window models (gemma3_text, exaone4) keep the full KV in these graphs; the window is
+applied by the mask the graph builds from `attention_mask` and positions, so nothing is trimmed here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.errors import KoedgeError
+from runtime.model import CausalLM
+
+
+class BoundCache:
+    """Drives one sequence (batch of 1 or more equal-length rows) through a bundle with I/O binding."""
+
+    def __init__(self, lm: CausalLM, batch: int = 1):
+        self.lm = lm
+        self.batch = batch
+        self.io = lm.manifest.io
+        self.past_names = [name for pair in lm.kv_names("past") for name in pair]
+        self.present_names = [name for pair in lm.kv_names("present") for name in pair]
+        logits_spec = next((spec for spec in self.io.outputs if spec.name == self.io.logits), None)
+        if logits_spec is None:
+            raise KoedgeError(f"the manifest lists no logits output named '{self.io.logits}'")
+        self.logits_dtype = np.dtype(logits_spec.dtype)
+        last = logits_spec.shape[-1]
+        self.vocab = last if isinstance(last, int) else lm.manifest.model.vocab_size
+        self.binding = lm.session.io_binding()
+        self.length = 0
+        self._past: list[ort.OrtValue] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the sequence: the past becomes empty tensors again."""
+        info = self.lm.manifest.model
+        empty = np.zeros((self.batch, info.num_kv_heads, 0, info.head_dim), self.lm.kv_dtype())
+        self._past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
+        self._empty = empty  # the OrtValues above point into this array
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.lm.manifest.model.max_positions
+
+    def run(self, input_ids: np.ndarray | list[int], chunk: int | None = None) -> np.ndarray:
+        """Feed `input_ids` ([batch, seq] or one row) after the cached tokens; return the last logits [batch, vocab].
+
+        `chunk` splits a long prefill into calls of at most that many tokens: the graphs return logits
+        for every position, so a 512-token prefill of a 262k vocabulary is a 512 MiB tensor otherwise.
+        """
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.shape[0] != self.batch or ids.shape[1] == 0:
+            raise KoedgeError(f"expected input ids of shape [{self.batch}, n>0], got {list(ids.shape)}")
+        if self.length + ids.shape[1] > self.max_length:
+            raise KoedgeError(f"{self.length + ids.shape[1]} tokens exceed the model's context of {self.max_length}")
+        step = chunk or ids.shape[1]
+        for start in range(0, ids.shape[1], step):
+            logits = self._call(ids[:, start:start + step])
+        return logits
+
+    def _call(self, ids: np.ndarray) -> np.ndarray:
+        seq = ids.shape[1]
+        feeds = self.lm.feeds(ids, self.length)
+        binding = self.binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for value in feeds.values()]
+        for name, value in zip(feeds, keep):
+            binding.bind_ortvalue_input(name, value)
+        for name, value in zip(self.past_names, self._past):
+            binding.bind_ortvalue_input(name, value)
+        logits = np.empty((self.batch, seq, self.vocab), self.logits_dtype)
+        binding.bind_output(self.io.logits, "cpu", 0, self.logits_dtype, list(logits.shape), logits.ctypes.data)
+        for name in self.present_names:
+            binding.bind_output(name, "cpu")
+        self.lm.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()  # logits first, then presents, in bind order
+        self._past = list(outputs[1:])
+        binding.clear_binding_inputs()  # drop references to the old past so it can be freed
+        self.length += seq
+        return logits[:, -1, :].copy() if seq > 1 else logits[:, 0, :]
+
+    def kv_bytes(self) -> int:
+        """Bytes the cache holds now (one past or present set)."""
+        return sum(value.tensor_size_in_bytes() for value in self._past) if self.length else 0
+
+
+class NumpyCache:
+    """The plain loop: the KV cache goes out to numpy and back in every step (CausalLM.step).
+
+    Same interface as BoundCache; kept as the reference the bound path is checked and timed against.
+    """
+
+    def __init__(self, lm: CausalLM, batch: int = 1):
+        self.lm = lm
+        self.batch = batch
+        self.length = 0
+        self._past = lm.empty_past(batch)
+
+    def reset(self) -> None:
+        self._past = self.lm.empty_past(self.batch)
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.lm.manifest.model.max_positions
+
+    def run(self, input_ids: np.ndarray | list[int], chunk: int | None = None) -> np.ndarray:
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if self.length + ids.shape[1] > self.max_length:
+            raise KoedgeError(f"{self.length + ids.shape[1]} tokens exceed the model's context of {self.max_length}")
+        step = chunk or ids.shape[1]
+        for start in range(0, ids.shape[1], step):
+            out = self.lm.step(ids[:, start:start + step], self._past)
+            self._past = out.present
+            self.length += out.logits.shape[1]
+        return out.logits[:, -1, :]
+
+    def kv_bytes(self) -> int:
+        return sum(value.nbytes for value in self._past.values())
