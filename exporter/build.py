@@ -85,11 +85,105 @@ def run_export(state: BuildState, spec: PassSpec, out: Path, progress: Callable[
     return {"bundle_bytes": result.bundle_bytes, "parity": result.parity}
 
 
+def run_quantize(state: BuildState, spec: PassSpec, out: Path, progress: Callable[[str], None]) -> dict:
+    from exporter.calibration import CalibrationConfig
+    from exporter.quantize import quantize_bundle
+
+    if spec.name == "quantize-int4":
+        from exporter.quantize_int4 import Int4Config
+
+        config = Int4Config(**_known(spec.config, Int4Config, spec.name))
+    else:
+        from exporter.quantize_int8 import Int8StaticConfig
+
+        options = dict(spec.config)
+        calibration = CalibrationConfig(**_known(options.pop("calibration", {}), CalibrationConfig, spec.name))
+        config = Int8StaticConfig(calibration=calibration, **_known(options, Int8StaticConfig, spec.name))
+    config.check()
+    result = quantize_bundle(state.bundle, out, config, overwrite=True, progress=progress, evaluate=False)
+    report = result.report
+    return {key: report.get(key) for key in ("bytes_before", "bytes_after", "weight_bytes_before",
+                                             "weight_bytes_after", "quantize_seconds", "results")}
+
+
+def run_prune(state: BuildState, spec: PassSpec, out: Path, progress: Callable[[str], None]) -> dict:
+    from exporter.cli_prune import PruneOptions, prune_checkpoint
+    from exporter.prune_structured import StructuredConfig
+    from exporter.prune_vocab import VocabConfig
+
+    options = dict(spec.config)
+    eval_texts = int(options.pop("eval_texts", 0))
+    if spec.name == "prune-vocab":
+        vocab = VocabConfig(**_known(options, VocabConfig, spec.name))
+        vocab.check()
+        prune = PruneOptions(vocab=vocab, eval_texts=eval_texts)
+    else:
+        prune = PruneOptions(structured=StructuredConfig(**_known(options, StructuredConfig, spec.name)),
+                             eval_texts=eval_texts)
+    source = ResolvedModel(state.model.name, state.checkpoint, state.model.source, state.model.revision,
+                           state.model.trust_remote_code, list(state.model.notes))
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    results = prune_checkpoint(source, partial, prune, progress)
+    partial.rename(out)
+    return results
+
+
+def run_validate(state: BuildState, spec: PassSpec, progress: Callable[[str], None]) -> dict:
+    from dataclasses import asdict
+
+    from runtime.memory import parse_size
+    from runtime.validate import ValidateConfig, describe, validate
+
+    options = dict(spec.config)
+    options["mem_cap"] = parse_size(str(options.get("mem_cap", "3GiB")))
+    config = ValidateConfig(**_known(options, ValidateConfig, spec.name))
+    progress(f"validating under {spec.config.get('mem_cap', '3GiB')} "
+             f"({config.prompt_tokens} prompt + {config.new_tokens} new tokens)")
+    report = validate(state.bundle, config)
+    if not report.passed:
+        raise KoedgeError(f"validate FAILED: {report.verdict}")
+    progress(describe(report).splitlines()[0])
+    return asdict(report)
+
+
+def run_eval(state: BuildState, spec: PassSpec, progress: Callable[[str], None]) -> dict:
+    from runtime.evaluate import EvalConfig, eval_texts, evaluate
+    from runtime.model import CausalLM
+
+    options = dict(spec.config)
+    if "tasks" in options:
+        options["tasks"] = tuple(options["tasks"])
+    config = EvalConfig(**_known(options, EvalConfig, spec.name))
+    texts = eval_texts(config)
+    candidate = CausalLM(state.bundle)
+    results: dict[str, Any] = {}
+    if state.reference and state.reference != state.bundle:
+        reference = CausalLM(state.reference)
+        progress(f"evaluating the FP32 reference on {len(texts)} Korean passages")
+        results["reference"] = evaluate(reference, texts, config=config).to_dict()
+        progress(f"evaluating the bundle against it")
+        results["bundle"] = evaluate(candidate, texts, reference=reference, config=config).to_dict()
+    else:
+        progress(f"evaluating the bundle on {len(texts)} Korean passages")
+        results["bundle"] = evaluate(candidate, texts, config=config).to_dict()
+    return results
+
+
 BUNDLE_PASSES: dict[str, Callable[[BuildState, PassSpec, Path, Callable[[str], None]], dict]] = {
     "export": run_export,
+    "quantize-int4": run_quantize,
+    "quantize-int8-static": run_quantize,
 }
-CHECK_PASSES: dict[str, Callable[[BuildState, PassSpec, Callable[[str], None]], dict]] = {}
-MODEL_PASSES: dict[str, Callable[[BuildState, PassSpec, Path, Callable[[str], None]], dict]] = {}
+MODEL_PASSES: dict[str, Callable[[BuildState, PassSpec, Path, Callable[[str], None]], dict]] = {
+    "prune-vocab": run_prune,
+    "prune-structured": run_prune,
+}
+CHECK_PASSES: dict[str, Callable[[BuildState, PassSpec, Callable[[str], None]], dict]] = {
+    "validate": run_validate,
+    "eval": run_eval,
+}
 
 
 def _require_implemented(recipe: Recipe) -> None:
@@ -99,12 +193,16 @@ def _require_implemented(recipe: Recipe) -> None:
         raise KoedgeError(f"recipe '{recipe.name}' uses pass(es) this koedge cannot run yet: {', '.join(missing)}")
 
 
-def run_recipe(model_name: str, recipe: Recipe, out: Path, force: bool = False, overwrite: bool = False,
+def run_recipe(model_name: str, recipe: Recipe, out: Path, force: bool = False,
                progress: Callable[[str], None] = print) -> list[PassOutcome]:
-    """Run every pass; copy the final bundle to `out` with a report.json of all passes."""
+    """Run every pass; copy the final bundle to `out` with a report.json of all passes.
+
+    `out` is replaced when it is an earlier koedge bundle (builds are reproducible from the cache);
+    any other existing path is refused.
+    """
     _require_implemented(recipe)
-    if out.exists() and not overwrite:
-        raise KoedgeError(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and not (out / "koedge.json").is_file():
+        raise KoedgeError(f"{out} exists and is not a koedge bundle; choose another --out")
     cache = build_cache()
     model = resolve_model(model_name, progress=progress)
     state = BuildState(model=model, key=pass_key(model.revision or str(model.path), PassSpec(model.name)),
@@ -168,3 +266,45 @@ def _publish(bundle: Path, out: Path, recipe: Recipe, model: ResolvedModel, outc
         }
         (staging / "report.json").unlink(missing_ok=True)  # a hard link into the cache: never write through it
         (staging / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+
+
+def _mb(value: float | None) -> str:
+    return "–" if value is None else f"{value / 1e6:,.0f}"
+
+
+def format_summary(recipe: Recipe, outcomes: list[PassOutcome]) -> str:
+    """One table: what each pass took, then size, accuracy vs FP32 and the validated memory and speed."""
+    lines = [f"recipe {recipe.name}: {recipe.description}", "",
+             "| pass | time s | cached | result |", "| --- | ---: | --- | --- |"]
+    final: dict[str, Any] = {}
+    for outcome in outcomes:
+        results, summary = outcome.results, ""
+        if outcome.folder is not None and (outcome.folder / "koedge.json").is_file():
+            final["size"] = sum(p.stat().st_size for p in outcome.folder.iterdir() if p.is_file())
+            summary = f"bundle {_mb(final['size'])} MB"
+        if outcome.spec.name == "validate":
+            final["validate"] = results
+            summary = results.get("verdict", "")
+        if outcome.spec.name == "eval":
+            final["eval"] = results
+            summary = f"PPL {results['bundle']['perplexity']:.2f}"
+        lines.append(f"| {outcome.spec.name} | {outcome.seconds:.1f} | {'yes' if outcome.cached else 'no'} | {summary} |")
+    lines += ["", "| size MB | PPL | bits/byte | PPL vs FP32 | KL | same-top-1 | peak RSS MiB | cap | TTFT s | decode tok/s |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    bundle = final.get("eval", {}).get("bundle", {})
+    reference = final.get("eval", {}).get("reference", {})
+    check = final.get("validate", {})
+
+    def number(value: Any, digits: int, scale: float = 1.0, suffix: str = "") -> str:
+        return "–" if value is None else f"{value * scale:,.{digits}f}{suffix}"
+
+    delta = None
+    if bundle.get("perplexity") and reference.get("perplexity"):
+        delta = bundle["perplexity"] / reference["perplexity"] - 1
+    lines.append(" | ".join([
+        "| " + _mb(final.get("size")), number(bundle.get("perplexity"), 2), number(bundle.get("bits_per_byte"), 4),
+        "reference" if not reference else number(delta, 1, 100, "%"), number(bundle.get("kl_mean"), 4),
+        number(bundle.get("same_top1"), 1, 100, "%"), number(check.get("peak_rss_bytes"), 0, 1 / 2**20),
+        "PASS" if check.get("passed") else ("–" if not check else "FAIL"),
+        number(check.get("ttft_seconds"), 2), number(check.get("decode_tokens_per_second"), 1) + " |"]))
+    return "\n".join(lines)

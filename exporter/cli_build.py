@@ -46,7 +46,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     out = Path(args.out)
-    outcomes = run_recipe(args.model, recipe, out, force=args.force, overwrite=True, progress=progress)
+    outcomes = run_recipe(args.model, recipe, out, force=args.force, progress=progress)
     print(format_summary(recipe, outcomes))
     print(f"bundle: {out}\nreport: {out / 'report.json'}")
     return 0
@@ -62,6 +62,6 @@ def add_build_command(commands) -> None:
     build.add_argument("--model", required=True, help="packaged name, checkpoint folder, or hub id")
     build.add_argument("--recipe", default="phone-3gb",
                        help=f"shipped recipe ({', '.join(shipped_recipes())}) or a .toml file (default phone-3gb)")
-    build.add_argument("--out", required=True, help="final bundle folder (replaced if it exists)")
+    build.add_argument("--out", required=True, help="final bundle folder (an earlier bundle there is replaced)")
     build.add_argument("--force", action="store_true", help="redo every pass, ignoring the cache")
     build.set_defaults(func=cmd_build)
