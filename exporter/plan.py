@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import KoedgeError
+from runtime.memory import parse_size  # noqa: F401  (re-exported for the CLI)
 
 GIB = 1024**3
 # bytes per weight: INT8 per-channel ≈ 1 byte + a scale per row; INT4 block 32 with an fp16 scale and a
@@ -79,22 +80,6 @@ def plan(shape: ModelShape, context: int) -> list[PlanRow]:
         rows.append(PlanRow(precision, int(shape.parameters * per_weight), kv, logits + hidden_buffers,
                             RUNTIME_OVERHEAD))
     return rows
-
-
-def parse_size(text: str) -> int:
-    """'3GiB', '3GB', '2500MB', '2.5G', or bytes."""
-    units = {"gib": GIB, "g": GIB, "gb": 10**9, "mib": 1024**2, "m": 1024**2, "mb": 10**6,
-             "kib": 1024, "kb": 1000, "k": 1024, "b": 1, "": 1}
-    raw = text.strip().lower().replace(" ", "")
-    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = raw[len(number):]
-    try:
-        value = float(number) * units[unit]
-    except (ValueError, KeyError):
-        raise KoedgeError(f"cannot read the size '{text}' (use e.g. 3GiB, 3GB, 2500MB)") from None
-    if value <= 0:
-        raise KoedgeError(f"size must be positive: '{text}'")
-    return int(value)
 
 
 def read_config(folder: Path) -> dict:

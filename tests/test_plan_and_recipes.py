@@ -44,7 +44,7 @@ def test_kv_cache_arithmetic():
     assert row.kv_cache == 2 * 28 * 8 * 128 * 1000 * 2
 
 
-@pytest.mark.parametrize("text, expected", [("3GiB", 3 * GIB), ("3GB", 3 * 10**9), ("2500MB", 2.5e9), ("1.5G", 1.5 * GIB)])
+@pytest.mark.parametrize("text, expected", [("3GiB", 3 * GIB), ("3GB", 3 * 10**9), ("2500MB", 2.5e9), ("1.5GiB", 1.5 * GIB), ("1.5G", 1.5e9)])
 def test_parse_size(text, expected):
     assert parse_size(text) == int(expected)
 
