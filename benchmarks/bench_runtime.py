@@ -5,7 +5,8 @@
 
 Every measurement runs in a fresh child process, so peak RSS (VmHWM) is that run's own. Columns:
 peak RSS, load time, TTFT at --prompt-tokens, decode tok/s over --new-tokens (greedy, EOS ignored),
-and the decode speed of the I/O-binding loop over the numpy-feeding loop (runs alternate, median).
+and the decode-step speed-up of the I/O-binding loop over the numpy-feeding loop, measured with steps
+of the two loops interleaved in one process at the same context (robust to load elsewhere).
 Timings move with the machine's load: say what else was running when you quote them.
 """
 
@@ -58,6 +59,31 @@ def child(spec: dict) -> dict:
             "weights": lm.manifest.weight_bytes()}
 
 
+def child_ratio(spec: dict) -> dict:
+    """Decode-step time of the I/O-binding loop vs the numpy loop, steps interleaved in one process.
+
+    Interleaving makes the ratio robust on a shared machine: a burst of load elsewhere slows both alike.
+    """
+    from runtime.generate import load
+    from runtime.kvcache import BoundCache, NumpyCache
+    from runtime.memory import prefill_chunk_for
+    from runtime.session import SessionConfig
+    from runtime.validate import prompt_ids
+
+    lm = load(spec["bundle"], SessionConfig(**spec["session"]))
+    ids = prompt_ids(lm, spec["prompt_tokens"])
+    chunk = prefill_chunk_for(lm.manifest, spec.get("prefill_chunk", "auto"))
+    loops = [[cache, int(cache.run([ids], chunk=chunk)[0].argmax()), []] for cache in (BoundCache(lm), NumpyCache(lm))]
+    for _ in range(spec["steps"]):
+        for loop in loops:
+            started = time.perf_counter()
+            logits = loop[0].run([loop[1]])
+            loop[2].append(time.perf_counter() - started)
+            loop[1] = int(logits[0].argmax())
+    bound, plain = (statistics.median(loop[2]) for loop in loops)
+    return {"bound_step_seconds": bound, "numpy_step_seconds": plain, "binding_ratio": plain / bound}
+
+
 def measure(spec: dict) -> dict:
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -69,28 +95,23 @@ def measure(spec: dict) -> dict:
 def bundle_row(bundle: str, args: argparse.Namespace) -> dict:
     base = dict(bundle=bundle, session={"threads": args.threads}, prompt_tokens=args.prompt_tokens,
                 new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk)
-    bound, plain = [], []
-    for _ in range(args.repeat):  # alternate, so a burst of load elsewhere hits both loops alike
-        bound.append(measure({**base, "io_binding": True}))
-        plain.append(measure({**base, "io_binding": False}))
-    med = {key: statistics.median(run[key] for run in bound) for key in bound[0]}
-    plain_speed = statistics.median(run["decode_tokens_per_second"] for run in plain)
-    return {"bundle": bundle, **med, "numpy_decode_tokens_per_second": plain_speed,
-            "binding_ratio": med["decode_tokens_per_second"] / plain_speed,
-            "numpy_peak_rss": statistics.median(run["peak_rss"] for run in plain)}
+    runs = [measure({**base, "io_binding": True}) for _ in range(args.repeat)]
+    ratios = [measure({**base, "steps": args.ratio_steps}) for _ in range(args.repeat)]
+    med = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    return {"bundle": bundle, **med, **{key: statistics.median(r[key] for r in ratios) for key in ratios[0]}}
 
 
 def print_bundles(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\nprompt {args.prompt_tokens} tokens, decode {args.new_tokens} tokens, {args.threads or 'all'} threads, "
-          f"median of {args.repeat}, prefill chunk {args.prefill_chunk if args.prefill_chunk != 0 else 'none (one call)'}")
+          f"median of {args.repeat}, prefill chunk {args.prefill_chunk if args.prefill_chunk != 0 else 'one call'}")
     print("| bundle | weights MiB | peak RSS MiB | peak / weights | load s | TTFT s | decode tok/s "
-          "| numpy loop tok/s | I/O binding / numpy |")
+          "| step ms: I/O binding / numpy loop | I/O binding speed-up |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['bundle']} | {row['weights'] / MIB:,.0f} | {row['peak_rss'] / MIB:,.0f} | "
               f"{row['peak_rss'] / row['weights']:.2f}x | {row['load_seconds']:.2f} | {row['ttft_seconds']:.2f} | "
-              f"{row['decode_tokens_per_second']:.1f} | {row['numpy_decode_tokens_per_second']:.1f} | "
-              f"{row['binding_ratio']:.2f}x |")
+              f"{row['decode_tokens_per_second']:.1f} | {row['bound_step_seconds'] * 1000:.0f} / "
+              f"{row['numpy_step_seconds'] * 1000:.0f} | {row['binding_ratio']:.2f}x |")
 
 
 def session_table(bundle: str, args: argparse.Namespace) -> None:
@@ -109,7 +130,8 @@ def session_table(bundle: str, args: argparse.Namespace) -> None:
     for name, runs in rows.items():
         med = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         print(f"| {name} | {med['load_rss'] / MIB:,.0f} | {med['peak_rss'] / MIB:,.0f} | "
-              f"{med['peak_rss'] / med['weights']:.2f}x | {med['anon_end'] / MIB:,.0f} | {med['file_end'] / MIB:,.0f} | "
+              f"{med['peak_rss'] / med['weights']:.2f}x | {med['anon_end'] / MIB:,.0f} | "
+              f"{med['file_end'] / MIB:,.0f} | "
               f"{med['load_seconds']:.2f} | {med['decode_tokens_per_second']:.1f} |")
 
 
@@ -122,12 +144,15 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=lambda text: text if text == "auto" else int(text), default="auto",
                         help="prompt tokens per call: auto (default) or N; 0 = the whole prompt in one call")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--ratio-steps", type=int, default=48,
+                        help="interleaved decode steps per loop for the I/O binding vs numpy ratio")
     parser.add_argument("--sessions", action="store_true", help="compare session settings on the first bundle")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(child_ratio(spec) if spec.get("steps") else child(spec)))
         return
     if not args.bundles:
         parser.error("give at least one bundle folder")

@@ -175,7 +175,7 @@ def evaluate_bundle(bundle: Path, reference: Path | None, args: argparse.Namespa
     from runtime.session import SessionConfig
 
     config = EvalConfig(max_samples=args.max_samples, tasks=tuple(args.tasks), task_samples=args.task_samples)
-    key = {"config": asdict(config), "reference": str(reference) if reference else None}
+    key = json.loads(json.dumps({"config": asdict(config), "reference": str(reference) if reference else None}))
     cache = Path(args.out) / f"eval-{bundle.name}.json"
     if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
         return json.loads(cache.read_text())["result"]

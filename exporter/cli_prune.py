@@ -65,6 +65,16 @@ def _bos(folder: Path, model) -> int | None:
     return None if data.get("add_bos_token") is False else model.config.bos_token_id
 
 
+def _check_texts() -> list[str]:
+    """Held-out Korean texts for the tokenizer checks (none when the data set is not installed)."""
+    from runtime.data import load_texts
+
+    try:
+        return load_texts("ko", split="eval")
+    except KoedgeError:
+        return []
+
+
 def _special_ids(model) -> set[int]:
     """Every `*_token_id` of the config and generation config (they must survive vocabulary pruning)."""
     ids: set[int] = set()
@@ -146,19 +156,21 @@ def prune_checkpoint(resolved, out: Path, options: PruneOptions,
         for stale in STALE_TOKENIZER_FILES:  # slow-tokenizer files would describe the old vocabulary
             (out / stale).unlink(missing_ok=True)
         slice_embeddings(model, plan)
-        checks = check_tokenizer(resolved.path / "tokenizer.json", out / "tokenizer.json", plan,
-                                 load_texts("ko", split="eval"))
-        results["vocab"] = {**plan.stats, "token_map": write_token_map(out, plan), "tokenizer_check": checks}
+        checks = check_tokenizer(resolved.path / "tokenizer.json", out / "tokenizer.json", plan, _check_texts())
+        results["vocab"] = {**plan.stats, "token_map": write_token_map(out, plan, resolved.path),
+                            "tokenizer_check": checks}
         reference = None  # different segmentation: KL against the old model is not position-aligned
         progress(f"vocabulary {plan.original_size:,} -> {len(plan.kept):,} tokens "
                  f"(calib coverage {plan.stats['corpus_coverage']:.4%}; round trip exact on "
                  f"{checks['round_trip_exact']}/{checks['texts']} eval texts)")
     bos = _bos(out, model)
     if options.structured.active:
-        calib = EvalSet.from_texts(out / "tokenizer.json",
-                                   load_texts("ko", split="calib")[: options.structured.calib_texts], bos)
-        results["structured"] = apply_structured(model, options.structured,
-                                                 calib.batches(model.config.vocab_size), progress)
+        batches = []  # calibration text only matters to activation scores
+        if options.structured.score == "activation":
+            calib = EvalSet.from_texts(out / "tokenizer.json",
+                                       load_texts("ko", split="calib")[: options.structured.calib_texts], bos)
+            batches = calib.batches(model.config.vocab_size)
+        results["structured"] = apply_structured(model, options.structured, batches, progress)
         results["structured"]["per_layer_shapes_in_config"] = record_shapes(model)
     if options.sparsity.sparsity > 0:
         results["sparsity"] = magnitude_prune(model, options.sparsity)
@@ -173,7 +185,9 @@ def prune_checkpoint(resolved, out: Path, options: PruneOptions,
     config = {"vocab": asdict(options.vocab) if options.vocab else None, "structured": asdict(options.structured),
               "sparsity": asdict(options.sparsity), "eval_texts": options.eval_texts}
     record = PassRecord("prune", config, round(time.perf_counter() - started, 1), results)
-    (out / CHECKPOINT_PASSES).write_text(json.dumps([asdict(record)], indent=2, ensure_ascii=False))
+    earlier = resolved.path / CHECKPOINT_PASSES  # a checkpoint pruned before keeps its history
+    history = json.loads(earlier.read_text(encoding="utf-8")) if earlier.is_file() else []
+    (out / CHECKPOINT_PASSES).write_text(json.dumps([*history, asdict(record)], indent=2, ensure_ascii=False))
     return results
 
 
@@ -280,18 +294,39 @@ def _layers(text: str | None) -> list[int]:
         raise KoedgeError(f"--drop-layers must be comma-separated layer numbers, got '{text}'") from err
 
 
-def options_from(args: argparse.Namespace) -> PruneOptions:
+RECIPE_KEYS = ("vocab_size", "coverage", "corpus", "fill", "max_texts", "ffn_ratio", "head_ratio", "drop_layers",
+               "scope", "score", "steps", "multiple_of", "plan", "calib_texts", "sparsity", "sparsity_scope",
+               "eval_texts")
+
+
+def options_from_dict(config: dict) -> PruneOptions:
+    """PruneOptions from flat settings (the CLI's option names with underscores; a recipe's pass table)."""
     from exporter.prune_structured import read_plan
 
+    unknown = sorted(set(config) - set(RECIPE_KEYS))
+    if unknown:
+        raise KoedgeError(f"prune: unknown option(s) {', '.join(unknown)} (known: {', '.join(RECIPE_KEYS)})")
+    get = config.get
     vocab = None
-    if args.vocab_size is not None or args.coverage is not None:
-        vocab = VocabConfig(vocab_size=args.vocab_size, coverage=args.coverage, corpora=args.corpus or ["ko"],
-                            fill=args.fill, max_texts=args.max_texts)
-    structured = StructuredConfig(ffn_ratio=args.ffn_ratio, head_ratio=args.head_ratio,
-                                  drop_layers=_layers(args.drop_layers), scope=args.scope, score=args.score,
-                                  steps=args.steps, multiple_of=args.multiple_of,
-                                  plan=read_plan(args.plan) if args.plan else None, calib_texts=args.calib_texts)
-    return PruneOptions(vocab, structured, SparsityConfig(args.sparsity, args.sparsity_scope), args.eval_texts)
+    if get("vocab_size") is not None or get("coverage") is not None:
+        corpus = get("corpus") or ["ko"]
+        vocab = VocabConfig(vocab_size=get("vocab_size"), coverage=get("coverage"),
+                            corpora=[corpus] if isinstance(corpus, str) else list(corpus),
+                            fill=get("fill", "ko-en"), max_texts=get("max_texts"))
+    drops = get("drop_layers") or []
+    plan = get("plan")
+    structured = StructuredConfig(
+        ffn_ratio=get("ffn_ratio", 0.0), head_ratio=get("head_ratio", 0.0),
+        drop_layers=_layers(drops) if isinstance(drops, str) else list(drops),
+        scope=get("scope", "local"), score=get("score", "weight"), steps=get("steps", 1),
+        multiple_of=get("multiple_of", 8), plan=read_plan(plan) if isinstance(plan, str) else plan,
+        calib_texts=get("calib_texts", 128))
+    sparsity = SparsityConfig(get("sparsity", 0.0), get("sparsity_scope", "local"))
+    return PruneOptions(vocab, structured, sparsity, get("eval_texts", 100))
+
+
+def options_from(args: argparse.Namespace) -> PruneOptions:
+    return options_from_dict({key: getattr(args, key) for key in RECIPE_KEYS if getattr(args, key) is not None})
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

@@ -12,7 +12,9 @@ def _int4_config(args: argparse.Namespace):
 
     config = Int4Config(algo=args.algo, block_size=args.block_size, symmetric=args.symmetric,
                         accuracy_level=args.accuracy_level, embedding=args.embedding,
-                        int8=[fragment for fragment in (args.int8_matmuls or "").split(",") if fragment])
+                        embedding_block_size=args.embedding_block_size)
+    if args.int8_matmuls is not None:
+        config.int8 = [fragment for fragment in args.int8_matmuls.split(",") if fragment]
     if args.calib_source:
         config.calib_source = args.calib_source
     if args.calib_samples:
@@ -65,16 +67,19 @@ def add_commands(commands) -> None:
     method.add_argument("--int4", action="store_true", help="weight-only MatMulNBits + GatherBlockQuantized")
     method.add_argument("--int8-static", action="store_true", help="static INT8 QDQ with Korean calibration")
     int4 = parser.add_argument_group("INT4")
-    int4.add_argument("--algo", choices=["rtn", "hqq", "gptq", "k_quant"], default="k_quant",
-                      help="block quantizer (default k_quant; gptq calibrates on Korean text)")
+    int4.add_argument("--algo", choices=["rtn", "hqq", "gptq", "k_quant"], default="gptq",
+                      help="block quantizer of the 4-bit weights (default gptq, calibrated on Korean text)")
     int4.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32, help="weights per scale")
     int4.add_argument("--symmetric", action="store_true", help="no zero points (rtn, gptq)")
     int4.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=0,
                       help="MatMulNBits compute type (4: int8 activations, faster; 0: unset)")
-    int4.add_argument("--embedding", choices=["int4", "int8", "fp32"], default="int8",
-                      help="embedding table and LM head (one shared tensor when tied; default int8)")
-    int4.add_argument("--int8-matmuls", metavar="FRAGMENTS",
-                      help="comma-separated MatMul name fragments kept at 8 bits, e.g. v_proj,down_proj")
+    int4.add_argument("--embedding", choices=["int4", "int8", "fp32"], default="int4",
+                      help="embedding table and LM head (one shared tensor when tied; default int4)")
+    int4.add_argument("--embedding-block-size", type=int, choices=[16, 32, 64, 128], default=None,
+                      help="block size of the embedding table (default: --block-size)")
+    int4.add_argument("--int8-matmuls", metavar="FRAGMENTS", default=None,
+                      help="comma-separated MatMul name fragments kept at 8 bits (default '/': every MatMul; "
+                           "'' for none; e.g. v_proj,down_proj)")
     int8 = parser.add_argument_group("INT8 static")
     int8.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
                       help="activation calibration method")

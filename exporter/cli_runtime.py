@@ -58,8 +58,9 @@ def _timing(result, verbose: bool) -> str:
     line = result.timing_line()
     if verbose:
         peak = peak_rss()
-        line += (f" · prefill {result.prefill_seconds:.2f} s · KV {result.kv_bytes / MIB:.1f} MiB"
-                 f" · peak RSS {peak / MIB:,.0f} MiB" if peak else "")
+        line += f" · prefill {result.prefill_seconds:.2f} s · KV {result.kv_bytes / MIB:.1f} MiB"
+        if peak:
+            line += f" · peak RSS {peak / MIB:,.0f} MiB"
     return line
 
 
@@ -78,6 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         ids = lm.encode(args.prompt)
         config = _sampling(args)
+    generator.check_prompt(ids)
+    if not args.chat:
         _print(args.prompt)
     lm.release_encoder()  # one prompt: the encoder's memory is not needed any more
     result = generator.generate(ids, config, on_text=_print)

@@ -332,7 +332,7 @@ def _prune_heads_round(model, config: StructuredConfig, original: list[Attention
         ratio_for = (lambda i: plan_heads.get(i, 0.0)) if config.plan else (lambda i: config.head_ratio)
         targets = [max(1, p.group - int(round(p.group * ratio_for(i) * fraction))) for i, p in enumerate(original)]
     else:
-        budget = int(round(sum(p.group - 1 for p in original) * config.head_ratio * fraction))
+        budget = int(round(sum(p.group for p in original) * config.head_ratio * fraction))  # heads per group
         already = sum(o.group - c.group for o, c in zip(original, current))
         pooled = sorted((cost, i, j) for i, layer_slots in enumerate(slots) for j, (cost, _) in enumerate(layer_slots))
         removed = [0] * len(layers)

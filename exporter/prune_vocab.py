@@ -421,10 +421,20 @@ def slice_embeddings(model, plan: VocabPlan) -> None:
                 setattr(holder, key, value)
 
 
-def write_token_map(folder: Path, plan: VocabPlan) -> str:
-    """`token_map.json`: new id -> original id, for comparing with the unpruned model on shared tokens."""
-    data = {"format": "koedge-token-map", "original_vocab_size": plan.original_size,
-            "vocab_size": len(plan.kept), "new_to_original": plan.kept}
+def write_token_map(folder: Path, plan: VocabPlan, source: Path | None = None) -> str:
+    """`token_map.json`: new id -> original id, for comparing with the unpruned model on shared tokens.
+
+    When `source` was itself vocabulary-pruned (it has a token map), the maps are composed, so ids
+    always point into the first, unpruned vocabulary.
+    """
+    ids, original_size = list(plan.kept), plan.original_size
+    earlier = source / TOKEN_MAP_FILE if source else None
+    if earlier and earlier.is_file():
+        data = json.loads(earlier.read_text(encoding="utf-8"))
+        ids = [data["new_to_original"][i] for i in ids]
+        original_size = data["original_vocab_size"]
+    data = {"format": "koedge-token-map", "original_vocab_size": original_size,
+            "vocab_size": len(ids), "new_to_original": ids}
     (folder / TOKEN_MAP_FILE).write_text(json.dumps(data), encoding="utf-8")
     return TOKEN_MAP_FILE
 

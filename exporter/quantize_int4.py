@@ -34,18 +34,20 @@ CHUNK_ROWS = 16384  # output channels quantized at once: bounds the quantizers' 
 
 @dataclass
 class Int4Config:
-    algo: str = "k_quant"  # rtn | hqq | gptq | k_quant
+    """Defaults measured on gemma-3-270m (docs/quantization.md): GPTQ 4-bit embedding/LM head, 8-bit MatMuls."""
+
+    algo: str = "gptq"  # rtn | hqq | gptq | k_quant: the quantizer of the 4-bit weights
     block_size: int = 32  # weights per scale, along K
     symmetric: bool = False  # no zero points (rtn, gptq only)
     accuracy_level: int = 0  # MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
-    embedding: str = "int8"  # int4 | int8 | fp32: the embedding table and the LM head (shared when tied)
+    embedding: str = "int4"  # int4 | int8 | fp32: the embedding table and the LM head (shared when tied)
     embedding_block_size: int | None = None  # None: block_size
-    int8: list[str] = field(default_factory=list)  # MatMul name fragments kept at 8 bits (mixed precision)
+    int8: list[str] = field(default_factory=lambda: ["/"])  # MatMul name fragments kept at 8 bits; "/": all
     calib_source: str = "ko"  # gptq: Korean calibration texts (split "calib") or a .txt/.jsonl file
-    calib_samples: int = 16
+    calib_samples: int = 32
     calib_max_length: int = 256
     gptq_percdamp: float = 0.01
-    gptq_actorder: bool = False
+    gptq_actorder: bool = True
     hessian_budget_mb: int = 1500  # gptq: Hessians gathered per calibration pass
 
     def check(self) -> None:
@@ -151,46 +153,58 @@ def _hqq(w: np.ndarray, bits: int, block: int) -> Packed:
                        np.float32)
 
 
+def _grid(rows: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Min/max scale and zero point per column of a block of rows (zero always representable)."""
+    maxq = 2 ** bits - 1
+    if symmetric:
+        return np.maximum(np.abs(rows).max(axis=0), 1e-12) * 2 / maxq, np.full(rows.shape[1], 2.0 ** (bits - 1))
+    low, high = np.minimum(rows.min(axis=0), 0), np.maximum(rows.max(axis=0), 0)
+    scale = np.maximum(high - low, 1e-12) / maxq
+    return scale, np.clip(np.round(-low / scale), 0, maxq)
+
+
 def _gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, symmetric: bool, config: Int4Config) -> Packed:
     """GPTQ: quantize input channels in order, pushing each one's error onto the rest through the
     inverse Hessian of the layer input (Frantar et al., 2022), with a min/max grid per block.
 
     Written out here because onnxruntime's neural-compressor port reads the lower triangle of an
     upper Cholesky factor for its [K, N] layout, so it applies no error feedback (its output error
-    equals plain rounding; tests/test_quantize_int4.py checks ours beats it).
+    equals plain rounding; tests/test_quantize_int4.py checks ours beats it). With act-order the
+    channels go by decreasing Hessian diagonal and each block keeps the grid of its original
+    (contiguous) rows, since MatMulNBits blocks are contiguous along K.
     """
     k, n = w.shape
     maxq = 2 ** bits - 1
-    weights = np.zeros(((k + block - 1) // block * block, n))
+    padded = (k + block - 1) // block * block
+    weights = np.zeros((padded, n), np.float32)
     weights[:k] = w
-    h = np.zeros((weights.shape[0],) * 2)
+    h = np.zeros((padded, padded))
     h[:k, :k] = hessian
     dead = np.diag(h) == 0
     h[dead, dead] = 1
     weights[dead] = 0
     h[np.diag_indices_from(h)] += config.gptq_percdamp * np.mean(np.diag(h))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor U of H^-1 = U^T U
-    codes = np.zeros(weights.shape, np.uint8)
-    groups = weights.shape[0] // block
-    scales, zeros = np.zeros((groups, n)), np.zeros((groups, n))
+    order = np.argsort(-np.diag(h), kind="stable") if config.gptq_actorder else np.arange(padded)
+    groups = padded // block
+    scales, zeros = np.zeros((groups, n), np.float32), np.zeros((groups, n), np.float32)
+    if config.gptq_actorder:
+        for g in range(groups):
+            scales[g], zeros[g] = _grid(weights[g * block:(g + 1) * block], bits, symmetric)
+    weights, h = weights[order], h[np.ix_(order, order)]
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper factor U of H^-1 = U^T U
+    codes = np.zeros((padded, n), np.uint8)
     step = max(block, 128 // block * block)
-    for i1 in range(0, weights.shape[0], step):
-        i2 = min(i1 + step, weights.shape[0])
+    for i1 in range(0, padded, step):
+        i2 = min(i1 + step, padded)
         part = weights[i1:i2].copy()
         errors = np.zeros_like(part)
         for i in range(i2 - i1):
-            if (i1 + i) % block == 0:  # grid of the block, from the weights as updated so far
-                rows = part[i:i + block]
-                if symmetric:
-                    scale = np.maximum(np.abs(rows).max(axis=0), 1e-12) * 2 / maxq
-                    zero = np.full(n, 2 ** (bits - 1))
-                else:
-                    low, high = np.minimum(rows.min(axis=0), 0), np.maximum(rows.max(axis=0), 0)
-                    scale = np.maximum(high - low, 1e-12) / maxq
-                    zero = np.clip(np.round(-low / scale), 0, maxq)
-                scales[(i1 + i) // block], zeros[(i1 + i) // block] = scale, zero
+            row, group = order[i1 + i], order[i1 + i] // block
+            if not config.gptq_actorder and row % block == 0:  # grid from the weights as updated so far
+                scales[group], zeros[group] = _grid(part[i:i + block], bits, symmetric)
+            scale, zero = scales[group], zeros[group]
             q = np.clip(np.round(part[i] / scale) + zero, 0, maxq)
-            codes[i1 + i] = q
+            codes[row] = q
             error = (part[i] - (q - zero) * scale) / hinv[i1 + i, i1 + i]
             part[i:] -= np.outer(hinv[i1 + i, i1 + i:i2], error)
             errors[i] = error
@@ -422,6 +436,8 @@ def _own_gather(writer: GraphWriter, table: Table, packed: Packed, vocab: int) -
 
 
 def _table_algo(config: Int4Config) -> str:
+    if config.embedding == "int8":  # like the 8-bit MatMuls: round to nearest is near lossless
+        return "rtn"
     # GatherBlockQuantized takes integer zero points only, so HQQ's float zero points cannot be shared.
     return "k_quant" if config.algo == "hqq" else config.algo
 
@@ -473,8 +489,20 @@ def _probe_session(src: Path, outputs: list[str]):
     from runtime.session import SessionConfig, session_options
 
     probe = onnx.load(str(src / ONNX_FILE), load_external_data=False)
-    known = {output.name for output in probe.graph.output}
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs if name not in known)
+    # Only what the outputs need: the LM head (the costliest node of a prefill) drops out when unused.
+    needed, kept = set(outputs), []
+    for node in reversed(probe.graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+    probe.graph.ClearField("node")
+    probe.graph.node.extend(reversed(kept))
+    probe.graph.ClearField("output")
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
+    used = needed | {name for node in kept for name in node.input}
+    initializers = [tensor for tensor in probe.graph.initializer if tensor.name in used]
+    probe.graph.ClearField("initializer")
+    probe.graph.initializer.extend(initializers)
     options = session_options(SessionConfig())
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(src.resolve()))
     return ort.InferenceSession(probe.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
@@ -514,8 +542,8 @@ def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
         raise KoedgeError(f"{src} has no MatMul with a constant 2-D weight to quantize")
     hessians: dict[str, np.ndarray] = {}
     if config.algo == "gptq":
-        inputs = list(dict.fromkeys(node.input[0] for node in targets))
-        if table and table.lm_head is not None and config.embedding != "fp32":
+        inputs = list(dict.fromkeys(node.input[0] for node in targets if _bits_for(node, config) == 4))
+        if table and table.lm_head is not None and config.embedding == "int4":
             inputs.append(table.lm_head.input[0])
         hessians = _hessians(src, model, inputs, config, progress)
     writer = GraphWriter(model, config)
@@ -527,7 +555,9 @@ def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
         weight = node.input[1]
         w = reader.array(weight)
         bits = _bits_for(node, config)
-        packed = quantize_weight(w, bits, config, hessian=hessians.get(node.input[0]))
+        # 8-bit round to nearest is already near lossless: the slow searches go to the 4-bit weights
+        packed = quantize_weight(w, bits, config, algo="rtn" if bits == 8 else None,
+                                 hessian=hessians.get(node.input[0]))
         names = writer.add_packed(weight, packed)
         writer.swap(node, [writer.matmul_nbits(node, node.input[0], names, packed, w.shape[1], node.name + "_Q")],
                     dropped=weight)

@@ -43,6 +43,8 @@ class Int8StaticConfig:
     method: str = "minmax"  # minmax | entropy | percentile
     percentile: float = 99.999  # for method=percentile
     per_channel: bool = True  # weights: one scale per output channel
+    weight_type: str = "uint8"  # uint8 | int8: onnxruntime's U8S8 kernels saturate on AVX2 without VNNI
+    reduce_range: bool = False  # 7-bit weights
     symmetric_activations: bool = False
     op_types: tuple[str, ...] = ("MatMul",)  # what gets Q/DQ; elementwise ops stay float
     embedding_block_size: int = 128  # INT8 blocks of the embedding / LM head tensor
@@ -50,6 +52,8 @@ class Int8StaticConfig:
     target_ppl_increase: float = 0.02  # on the held-out calibration split
     target_same_top1: float = 0.95
     max_float_groups: int = 8
+    judged_positions: int = 256  # held-out positions the LM head and KL are computed on
+    smooth_alpha: float | None = None  # SmoothQuant migration strength; None: off
     threads: int = 0
 
     def check(self) -> None:
@@ -57,6 +61,8 @@ class Int8StaticConfig:
             raise KoedgeError(f"unknown calibration method '{self.method}' (choose from {', '.join(METHODS)})")
         if self.embedding_block_size < 16 or self.embedding_block_size & (self.embedding_block_size - 1):
             raise KoedgeError(f"embedding block size must be a power of two >= 16, not {self.embedding_block_size}")
+        if self.smooth_alpha is not None and not 0 < self.smooth_alpha < 1:
+            raise KoedgeError(f"SmoothQuant alpha must be in (0, 1), not {self.smooth_alpha}")
         if not 0 < self.percentile <= 100:
             raise KoedgeError(f"percentile must be in (0, 100], not {self.percentile}")
         self.calibration.check()
@@ -89,10 +95,24 @@ def find_head(model: onnx.ModelProto, logits: str) -> Head:
     return Head(node.name, node.input[0], logits, node.input[1], trans_b, embedding)
 
 
-def write_work_bundle(src: Path, work: Path, progress) -> tuple[Head, Path, np.ndarray | None]:
+@dataclass
+class Work:
+    """The calibration twin of the bundle: FP32 graph without the LM head, runnable by CausalLM."""
+
+    folder: Path
+    head: Head
+    head_weight: np.ndarray | None  # an untied head's weight, memory-mapped
+    smoothable: list[Smoothable]
+
+    @property
+    def model(self) -> Path:
+        return self.folder / ONNX_FILE
+
+
+def write_work_bundle(src: Path, work: Path, smooth: bool, progress) -> Work:
     """The FP32 graph without the LM head, as a bundle CausalLM can run (its 'logits' = last hidden).
 
-    Returns the head, the graph's path, and an untied head's weight (memory-mapped from work/).
+    With `smooth`, it also outputs the per-channel |max| of every activation SmoothQuant can migrate.
     """
     manifest = read_manifest(src)
     model = onnx.load(str(src / manifest.onnx_file))
@@ -108,14 +128,121 @@ def write_work_bundle(src: Path, work: Path, progress) -> tuple[Head, Path, np.n
         np.save(work / "head.npy", numpy_helper.to_array(tensor))
         model.graph.initializer.remove(tensor)
         head_weight = np.load(work / "head.npy", mmap_mode="r")
-    path = work / ONNX_FILE
-    _save(model, path)
+    smoothable = find_smoothable(model) if smooth else []
+    add_absmax_outputs(model, smoothable)
+    _save(model, work / ONNX_FILE)
     del model
     manifest.io.logits = head.hidden
     (work / "koedge.json").write_text(manifest.to_json(), encoding="utf-8")
     shutil.copy(src / "tokenizer.json", work / "tokenizer.json")
     progress(f"graph without LM head written for calibration ({(work / DATA_FILE).stat().st_size / 1e6:,.0f} MB)")
-    return head, path, head_weight
+    return Work(work, head, head_weight, smoothable)
+
+
+# --- SmoothQuant-style scale migration ------------------------------------------------------------
+@dataclass
+class Smoothable:
+    """An activation whose per-channel scale can move into weights exactly (SmoothQuant):
+    X = Mul(a, source) where `source` is a norm's 1-D weight (axis 0) or the output of a MatMul
+    whose weight columns can absorb it (axis 1, e.g. up_proj before down_proj); every reader of
+    X is a MatMul whose weight rows absorb the inverse."""
+
+    tensor: str
+    source: str
+    axis: int
+    weights: list[str]
+    channels: int
+
+
+def find_smoothable(model: onnx.ModelProto) -> list[Smoothable]:
+    graph = model.graph
+    inits = {tensor.name: tensor for tensor in graph.initializer}
+    uses: dict[str, int] = {}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    producer = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+            readers.setdefault(name, []).append(node)
+        producer.update({name: node for name in node.output})
+    found = []
+    for tensor, nodes in readers.items():
+        nodes = [n for n in nodes if n.op_type != "Shape"]
+        made = producer.get(tensor)
+        if not nodes or made is None or made.op_type != "Mul":
+            continue
+        if any(n.op_type != "MatMul" or n.input[0] != tensor or n.input[1] not in inits or uses[n.input[1]] != 1
+               or len(inits[n.input[1]].dims) != 2 for n in nodes):
+            continue
+        channels = inits[nodes[0].input[1]].dims[0]
+        for name in made.input:
+            maker = producer.get(name)
+            if name in inits and list(inits[name].dims) == [channels] and uses[name] == 1:
+                found.append(Smoothable(tensor, name, 0, [n.input[1] for n in nodes], channels))
+                break
+            if (maker is not None and maker.op_type == "MatMul" and maker.input[1] in inits and uses[name] == 1
+                    and uses[maker.input[1]] == 1 and inits[maker.input[1]].dims[-1] == channels):
+                found.append(Smoothable(tensor, maker.input[1], 1, [n.input[1] for n in nodes], channels))
+                break
+    return found
+
+
+def add_absmax_outputs(model: onnx.ModelProto, items: list[Smoothable]) -> None:
+    graph = model.graph
+    for index, item in enumerate(items):
+        flat, absolute, out = f"koedge_flat_{index}", f"koedge_abs_{index}", f"koedge_absmax_{index}"
+        graph.initializer.append(numpy_helper.from_array(np.array([-1, item.channels], np.int64), flat + "_shape"))
+        graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), out + "_axes"))
+        graph.node.extend([helper.make_node("Reshape", [item.tensor, flat + "_shape"], [flat], name=flat),
+                           helper.make_node("Abs", [flat], [absolute], name=absolute),
+                           helper.make_node("ReduceMax", [absolute, out + "_axes"], [out], name=out, keepdims=0)])
+        graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [item.channels]))
+    if items and next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 18:
+        raise KoedgeError("SmoothQuant needs an opset >= 18 graph (ReduceMax with axes as input)")
+
+
+def channel_absmax(runner: CausalLM, sequences: list[Sequence], count: int) -> list[np.ndarray]:
+    """Per-channel |max| of each smoothable activation over the calibration prefills."""
+    names = [f"koedge_absmax_{index}" for index in range(count)]
+    maxima = None
+    for sequence in sequences:
+        ids = np.array([sequence.ids])
+        outputs = runner.session.run(names, {**runner.feeds(ids, 0), **runner.empty_past()})
+        maxima = outputs if maxima is None else [np.maximum(a, b) for a, b in zip(maxima, outputs)]
+    return maxima or []
+
+
+def smooth_work_model(work: Work, maxima: list[np.ndarray], alpha: float) -> dict:
+    """Divide each activation channel by s = max|X|^alpha / max|W|^(1-alpha), multiply the weight
+    rows by s (exact in float); drop the statistics outputs; save the work graph again."""
+    model = onnx.load(str(work.model))
+    graph = model.graph
+    inits = {tensor.name: tensor for tensor in graph.initializer}
+    spread_before, spread_after = [], []
+    for item, activation in zip(work.smoothable, maxima):
+        weights = [numpy_helper.to_array(inits[name]) for name in item.weights]
+        weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        scale = np.power(np.maximum(activation, 1e-5), alpha) / np.power(np.maximum(weight_max, 1e-5), 1 - alpha)
+        scale = np.clip(scale, 1e-3, 1e3).astype(np.float32)
+        source = numpy_helper.to_array(inits[item.source])
+        source = source / scale if item.axis == 0 else source / scale[None, :]
+        inits[item.source].CopyFrom(numpy_helper.from_array(source.astype(np.float32), item.source))
+        for name, weight in zip(item.weights, weights):
+            inits[name].CopyFrom(numpy_helper.from_array((weight * scale[:, None]).astype(np.float32), name))
+        spread_before.append(float(activation.max() / max(np.median(activation), 1e-6)))
+        smoothed = activation / scale
+        spread_after.append(float(smoothed.max() / max(np.median(smoothed), 1e-6)))
+    for node in [n for n in graph.node if n.name.startswith("koedge_")]:
+        graph.node.remove(node)
+    kept = [o for o in graph.output if not o.name.startswith("koedge_absmax_")]
+    del graph.output[:]
+    graph.output.extend(kept)
+    for tensor in [t for t in graph.initializer if t.name.startswith("koedge_")]:
+        graph.initializer.remove(tensor)
+    _save(model, work.model)
+    return {"alpha": alpha, "activations": len(work.smoothable),
+            "max_over_median_before": round(float(np.median(spread_before)), 1) if spread_before else None,
+            "max_over_median_after": round(float(np.median(spread_after)), 1) if spread_after else None}
 
 
 # --- calibration ----------------------------------------------------------------------------------
@@ -180,7 +307,8 @@ def quantize_qdq(model_path: Path, ranges, config: Int8StaticConfig) -> onnx.Mod
     nodes = [node.name for node in model.graph.node if node.op_type in config.op_types and node.input[1] in inits]
     options = {"OpTypesToExcludeOutputQuantization": list(config.op_types),
                "ActivationSymmetric": config.symmetric_activations, "WeightSymmetric": True}
-    quantizer = QDQQuantizer(model, config.per_channel, False, QuantType.QInt8, QuantType.QUInt8, ranges,
+    weight_type = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[config.weight_type]
+    quantizer = QDQQuantizer(model, config.per_channel, config.reduce_range, weight_type, QuantType.QUInt8, ranges,
                              nodes, [], list(config.op_types), options)
     return quantizer.quantize_model()
 
@@ -333,12 +461,19 @@ def keep_float(model: onnx.ModelProto, tensors: set[str]) -> None:
         graph.initializer.remove(tensor)
 
 
-def switched_copy(model: onnx.ModelProto, pairs: list[Activation]) -> onnx.ModelProto:
+def switched_copy(model: onnx.ModelProto, pairs: list[Activation], head: Head) -> onnx.ModelProto:
     """A copy where graph input `koedge_float_i` (bool) routes activation i around its Q/DQ pair,
-    so one session measures any mix of float and INT8 activations."""
+    so one session measures any mix of float and INT8 activations; `koedge_positions` picks the
+    sequence positions the LM head runs on."""
     switched = onnx.ModelProto()
     switched.CopyFrom(model)
     graph = switched.graph
+    graph.input.append(helper.make_tensor_value_info("koedge_positions", onnx.TensorProto.INT64, ["positions"]))
+    picked = head.hidden + "_picked"
+    head_node = next(node for node in graph.node if head.logits in node.output)
+    head_node.input[0] = picked
+    graph.node.insert(list(graph.node).index(head_node),
+                      helper.make_node("Gather", [head.hidden, "koedge_positions"], [picked], axis=1))
     by_output = {pair.dequantized: index for index, pair in enumerate(pairs)}
     nodes = []
     for node in graph.node:
@@ -367,39 +502,54 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Reference:
-    """FP32 next-token log-probabilities on the held-out sequences (float16: ~0.5 MB a token)."""
+    """FP32 next-token log-probabilities at sampled held-out positions (float16, vocab-wide)."""
 
     sequences: list[list[int]]
+    positions: list[np.ndarray]  # per sequence: positions whose next token is judged
     logprobs: list[np.ndarray]
     nll: float
-    tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(p) for p in self.positions)
 
 
-def holdout_reference(src: Path, sequences: list[Sequence], threads: int) -> Reference:
-    model = CausalLM(src, SessionConfig(threads=threads))
-    ids_list, logprobs, nll, tokens = [], [], 0.0, 0
+def judged_positions(sequences: list[Sequence], budget: int) -> list[np.ndarray]:
+    """About `budget` positions spread evenly over the sequences: the LM head and a 262k-way
+    softmax per position dominate the cost of judging, the transformer body does not."""
+    total = sum(len(s.ids) - 1 for s in sequences)
+    out = []
     for sequence in sequences:
+        last = len(sequence.ids) - 2
+        count = max(1, round(budget * (last + 1) / total)) if budget < total else last + 1
+        out.append(np.unique(np.linspace(0, last, count).round().astype(np.int64)))
+    return out
+
+
+def holdout_reference(src: Path, sequences: list[Sequence], budget: int, threads: int) -> Reference:
+    model = CausalLM(src, SessionConfig(threads=threads))
+    positions = judged_positions(sequences, budget)
+    logprobs, nll = [], 0.0
+    for sequence, chosen in zip(sequences, positions):
         ids = sequence.ids
-        scores = log_softmax(model.step(np.array([ids]), model.empty_past()).logits[0, :-1])
-        nll -= float(scores[np.arange(len(ids) - 1), ids[1:]].sum())
-        tokens += len(ids) - 1
-        ids_list.append(ids)
+        scores = log_softmax(model.step(np.array([ids]), model.empty_past()).logits[0, chosen])
+        nll -= float(scores[np.arange(len(chosen)), np.asarray(ids)[chosen + 1]].sum())
         logprobs.append(scores.astype(np.float16))
-    return Reference(ids_list, logprobs, nll, tokens)
+    return Reference([s.ids for s in sequences], positions, logprobs, nll)
 
 
 def compare(reference: Reference, logits: list[np.ndarray]) -> dict:
-    """Perplexity increase, mean KL(FP32 || quantized) and same-top-1 over every held-out position."""
+    """Perplexity increase, mean KL(FP32 || quantized) and same-top-1 over the judged positions."""
     nll, kl_sum, same = 0.0, 0.0, 0
-    for ids, ref, out in zip(reference.sequences, reference.logprobs, logits):
-        scores = log_softmax(out[: len(ids) - 1])
+    for ids, chosen, ref, out in zip(reference.sequences, reference.positions, reference.logprobs, logits):
+        scores = log_softmax(out)
         ref32 = ref.astype(np.float32)
-        nll -= float(scores[np.arange(len(ids) - 1), ids[1:]].sum())
+        nll -= float(scores[np.arange(len(chosen)), np.asarray(ids)[chosen + 1]].sum())
         kl_sum += float((np.exp(ref32) * (ref32 - scores)).sum())
         same += int((ref32.argmax(-1) == scores.argmax(-1)).sum())
     n = reference.tokens
-    return {"ppl_increase": float(np.exp((nll - reference.nll) / n) - 1), "kl_mean": kl_sum / n,
-            "same_top1": same / n}
+    return {"ppl_increase": round(float(np.exp((nll - reference.nll) / n) - 1), 5),
+            "kl_mean": round(kl_sum / n, 5), "same_top1": round(same / n, 4)}
 
 
 def meets(result: dict, config: Int8StaticConfig) -> bool:
@@ -433,8 +583,9 @@ class MixJudge:
     def __call__(self, floating: set[str]) -> dict:
         switches = {f"koedge_float_{i}": np.array(pair.tensor in floating) for i, pair in enumerate(self.pairs)}
         outputs = []
-        for ids in self.reference.sequences:
-            feeds = {**self.runner.feeds(np.array([ids]), 0), **self.runner.empty_past(), **switches}
+        for ids, chosen in zip(self.reference.sequences, self.reference.positions):
+            feeds = {**self.runner.feeds(np.array([ids]), 0), **self.runner.empty_past(), **switches,
+                     "koedge_positions": chosen}
             outputs.append(self.session.run([self.logits_name], feeds)[0][0])
         self.runs += 1
         return compare(self.reference, outputs)
@@ -462,7 +613,8 @@ def search_float(judge: MixJudge, pairs: list[Activation], config: Int8StaticCon
     from tqdm import tqdm
 
     for name in tqdm(groups, desc="sensitivity", unit="group", leave=False):
-        report["sensitivity"][name] = judge(groups[name])
+        report["sensitivity"][name] = result = judge(groups[name])
+        progress(f"  {name} float alone: held-out KL {result['kl_mean']:.3f}, PPL {result['ppl_increase']:+.1%}")
     ranked = sorted(groups, key=lambda name: report["sensitivity"][name]["kl_mean"])
     floating: set[str] = set()
     for name in ranked:
@@ -499,18 +651,27 @@ def quantize_int8_static(src_folder: Path, dst_folder: Path, config: Int8StaticC
 
     dst_folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".koedge-int8-", dir=dst_folder) as tmp:
-        work = Path(tmp)
-        head, work_model, head_weight = write_work_bundle(src_folder, work, progress)
-        runner = CausalLM(work, SessionConfig(threads=config.threads))
+        work = write_work_bundle(src_folder, Path(tmp), config.smooth_alpha is not None, progress)
+        session_config = SessionConfig(threads=config.threads)
+        runner = CausalLM(work.folder, session_config)
         calibration, holdout = build_sequences(runner, config.calibration)
+        smoothing = {}
+        if work.smoothable:
+            progress(f"SmoothQuant (alpha {config.smooth_alpha}): migrating {len(work.smoothable)} activations' "
+                     "channel scales into weights")
+            maxima = channel_absmax(runner, calibration, len(work.smoothable))
+            del runner
+            smoothing = smooth_work_model(work, maxima, config.smooth_alpha)
+            runner = CausalLM(work.folder, session_config)
         reader = KVCacheReader(runner, calibration)
         feeds = len(reader)
         lap("prepare")
-        ranges = calibrate(work_model, reader, config, progress)
+        ranges = calibrate(work.model, reader, config, progress)
         del reader, runner
         lap("calibrate")
-        model = quantize_qdq(work_model, ranges, config)
-        head_report = attach_int8_head(model, head, head_weight, config.embedding_block_size)
+        model = quantize_qdq(work.model, ranges, config)
+        head = work.head
+        head_report = attach_int8_head(model, head, work.head_weight, config.embedding_block_size)
         _restore_outputs(model, src_folder / manifest.onnx_file)
         pairs = activation_pairs(model)
         progress(f"QDQ graph: {len(pairs)} activation tensors, LM head and embedding INT8 weight-only")
@@ -518,9 +679,9 @@ def quantize_int8_static(src_folder: Path, dst_folder: Path, config: Int8StaticC
         floating, search = set(), {}
         if config.accuracy_aware and holdout:
             progress(f"measuring sensitivity on {len(holdout)} held-out sequences")
-            reference = holdout_reference(src_folder, holdout, config.threads)
-            switched = work / "switched.onnx"
-            _save(switched_copy(model, pairs), switched)
+            reference = holdout_reference(src_folder, holdout, config.judged_positions, config.threads)
+            switched = work.folder / "switched.onnx"
+            _save(switched_copy(model, pairs, head), switched)
             judge = MixJudge(switched, pairs, reference, manifest, config.threads)
             floating, search = search_float(judge, pairs, config, progress)
             search["runs"] = judge.runs
@@ -536,6 +697,7 @@ def quantize_int8_static(src_folder: Path, dst_folder: Path, config: Int8StaticC
                                                   "tokens": sum(len(s.ids) for s in calibration)},
         "activations_int8": len(pairs) - len(floating), "activations_float": len(floating),
         "kept_float": kept, "kept_float_why": search.get("steps", []), "search": search, "head": head_report,
+        "smooth_quant": smoothing,
         "seconds": times, "total_seconds": round(time.perf_counter() - started, 1),
     }
 

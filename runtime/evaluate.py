@@ -71,7 +71,8 @@ class EvalResult:
 
 # --- text ------------------------------------------------------------------------------------
 def passages_from(texts: list[str], budget_bytes: int, count: int) -> list[str]:
-    """Whole texts joined by newlines while the passage stays within `budget_bytes`."""
+    """Whole texts joined by newlines while the passage stays within `budget_bytes` (one longer text
+    makes a passage of its own); at most `count` passages."""
     passages: list[str] = []
     current: list[str] = []
     size = 0
@@ -84,7 +85,7 @@ def passages_from(texts: list[str], budget_bytes: int, count: int) -> list[str]:
             current, size, extra = [], 0, extra - 1
         current.append(text)
         size += extra
-    if current and not passages:  # a small file: keep what there is
+    if current and (not passages or 2 * size >= budget_bytes):  # the tail, unless it is a scrap
         passages.append("\n".join(current))
     return passages
 

@@ -125,10 +125,7 @@ class Generator:
                  on_text: Callable[[str], None] | None = None) -> GenerationResult:
         config = config or SamplingConfig()
         config.check()
-        if not prompt:
-            raise KoedgeError("the prompt is empty")
-        if len(prompt) >= self.context:
-            raise KoedgeError(f"the prompt has {len(prompt)} tokens; the model's context is {self.context}")
+        self.check_prompt(prompt)
         sampler = Sampler(config)
         eos = self.eos | set(config.stop_token_ids) if config.stop_at_eos else set()
         stream = TextStream(self.lm.decode, stop=config.stop, context=prompt[-4:])
@@ -164,6 +161,12 @@ class Generator:
                                 load_seconds=self.lm.load_seconds, prefill_seconds=prefill_seconds,
                                 ttft_seconds=first_at - started, decode_seconds=ended - first_at,
                                 kv_bytes=self.cache.kv_bytes())
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise KoedgeError("the prompt is empty")
+        if len(prompt) >= self.context:
+            raise KoedgeError(f"the prompt has {len(prompt)} tokens; the model's context is {self.context}")
 
     def _prefill(self, prompt: list[int]) -> np.ndarray:
         """Run the prompt; when the cache already holds a prefix of it (a chat), run only the rest."""

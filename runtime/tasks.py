@@ -28,7 +28,9 @@ class Example:
     answer: int
 
 
-NSMC_PROMPT = "다음 영화 리뷰가 긍정적인지 부정적인지 판단하세요.\n리뷰: {review}\n감정:"
+# The NSMC prompt and answers of lm-evaluation-harness's Korean (polyglot) branch, so numbers compare with
+# published ones; on calib-split reviews gemma-3-270m was within noise of chance with it and five others.
+NSMC_PROMPT = "다음 문장은 긍정일까요 부정일까요?\n{review}\n정답:"
 NSMC_CHOICES = (" 부정", " 긍정")
 NLI_PROMPT = "{premise}\n질문: {hypothesis} 참, 거짓, 중립 중 무엇인가요?\n답:"
 NLI_LABELS = ("entailment", "neutral", "contradiction")

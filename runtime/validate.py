@@ -28,7 +28,7 @@ from runtime.memory import MIB, Budget, predict_budget, proc_status
 
 # RLIMIT_AS counts address space, not resident memory: the mapped weight file, 8 MiB stacks and
 # 64 MiB glibc malloc arenas per thread are reserved but mostly never touched. Measured on gemma-3-270m
-# FP32 with 2 threads (docs/memory.md): VmPeak - VmHWM = about 0.9 GiB; 1.5 GiB leaves margin for
+# FP32 with 2 threads (docs/memory.md): VmPeak - VmHWM = about 0.7 GiB; 1.5 GiB leaves margin for
 # more threads. The watchdog, not this limit, is what holds the resident set to the cap.
 RLIMIT_HEADROOM = 1536 * MIB
 POLL_SECONDS = 0.02
@@ -236,21 +236,26 @@ def _run_child(folder: str | Path, config: ValidateConfig, enforcer: Enforcer, r
     for reader in readers:
         reader.start()
     killed_for, watched_peak, rusage_peak = None, 0, None
-    while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        if pid:
-            child.returncode = os.waitstatus_to_exitcode(status)
-            rusage_peak = usage.ru_maxrss * 1024
-            break
-        reading = proc_status(child.pid)
-        watched_peak = max(watched_peak, reading.get("VmHWM", 0))
-        if killed_for is None and config.watchdog and reading.get("VmRSS", 0) > config.mem_cap:
-            killed_for = f"resident memory {reading['VmRSS'] / MIB:,.0f} MiB passed the cap (watchdog)"
-            child.send_signal(signal.SIGKILL)
-        elif killed_for is None and time.monotonic() - started > config.timeout:
-            killed_for = f"no result after {config.timeout:.0f} s (killed)"
-            child.send_signal(signal.SIGKILL)
-        time.sleep(POLL_SECONDS)
+    try:
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                child.returncode = os.waitstatus_to_exitcode(status)
+                rusage_peak = usage.ru_maxrss * 1024
+                break
+            reading = proc_status(child.pid)
+            watched_peak = max(watched_peak, reading.get("VmHWM", 0))
+            if killed_for is None and config.watchdog and reading.get("VmRSS", 0) > config.mem_cap:
+                killed_for = f"resident memory {reading['VmRSS'] / MIB:,.0f} MiB passed the cap (watchdog)"
+                child.send_signal(signal.SIGKILL)
+            elif killed_for is None and time.monotonic() - started > config.timeout:
+                killed_for = f"no result after {config.timeout:.0f} s (killed)"
+                child.send_signal(signal.SIGKILL)
+            time.sleep(POLL_SECONDS)
+    finally:
+        if child.returncode is None:  # interrupted: never leave the child running
+            child.kill()
+            child.wait()
     for reader in readers:
         reader.join(timeout=5)
     _fill_report(report, config, enforcer, lines, errors, child.returncode, killed_for, watched_peak, rusage_peak)
@@ -286,7 +291,8 @@ def _fill_report(report: ValidateReport, config: ValidateConfig, enforcer: Enfor
     if killed_for:
         report.verdict = f"FAIL: {killed_for} during {_stage_after(last)}"
     elif stats.get("oom_kill") or (code == -signal.SIGKILL and enforcer.path is not None):
-        report.verdict = f"FAIL: killed by the kernel at the {cap / MIB:,.0f} MiB cgroup limit during {_stage_after(last)}"
+        report.verdict = (f"FAIL: killed by the kernel at the {cap / MIB:,.0f} MiB cgroup limit "
+                          f"during {_stage_after(last)}")
     elif code != 0 or not done:
         detail = next((line for line in reversed(errors) if line.strip()), f"exit code {code}")
         if enforcer.kind == "rlimit" and ("alloc" in detail.lower() or "memory" in detail.lower()):
@@ -297,7 +303,8 @@ def _fill_report(report: ValidateReport, config: ValidateConfig, enforcer: Enfor
     else:
         report.passed = True
         share = 100 * (report.peak_rss_bytes or 0) / cap
-        report.verdict = f"PASS: peak {report.peak_rss_bytes / MIB:,.0f} MiB is {share:.0f}% of the {cap / MIB:,.0f} MiB cap"
+        report.verdict = (f"PASS: peak {report.peak_rss_bytes / MIB:,.0f} MiB is {share:.0f}% "
+                          f"of the {cap / MIB:,.0f} MiB cap")
         if stats.get("failcnt"):
             report.verdict += f" (the cgroup reached its limit {stats['failcnt']} times; page cache was reclaimed)"
 
@@ -315,6 +322,7 @@ def describe(report: ValidateReport) -> str:
     def sec(value, unit="s") -> str:
         return "-" if value is None else (f"{value * 1000:,.0f} ms" if unit == "ms" else f"{value:.2f} s")
 
+    speed = "-" if report.decode_tokens_per_second is None else f"{report.decode_tokens_per_second:.1f} tok/s"
     rows = [
         f"koedge validate {report.bundle}",
         f"  cap          {mib(report.cap_bytes)} via {report.mechanism}",
@@ -322,11 +330,12 @@ def describe(report: ValidateReport) -> str:
         f"{mib(budget['weights'])} + KV {mib(budget['kv_cache'])} + activations {mib(budget['activations'])}",
         f"  load         {sec(report.load_seconds):>12}",
         f"  TTFT         {sec(report.ttft_seconds, 'ms'):>12}   ({report.prompt_tokens} prompt tokens)",
-        f"  decode       {'-' if report.decode_tokens_per_second is None else f'{report.decode_tokens_per_second:.1f} tok/s':>12}"
+        f"  decode       {speed:>12}"
         f"   ({report.new_tokens} new tokens)",
     ]
     if report.base_rss_bytes:
-        rows.append(f"  runtime base {mib(report.base_rss_bytes):>12}   (Python + onnxruntime + tokenizers, before loading)")
+        rows.append(f"  runtime base {mib(report.base_rss_bytes):>12}   "
+                    "(Python + onnxruntime + tokenizers, before loading)")
     if report.cgroup_peak_bytes:
         rows.append(f"  cgroup peak  {mib(report.cgroup_peak_bytes):>12}   (page cache included)")
     rows.append(report.verdict)

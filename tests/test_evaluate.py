@@ -117,9 +117,13 @@ def test_wilson_interval():
 
 def test_passages_are_whole_texts_within_the_byte_budget():
     texts = ["가" * 10, "나" * 10, "다" * 10, "라" * 10]  # 30 bytes each
-    assert passages_from(texts, 61, 10) == ["가" * 10 + "\n" + "나" * 10, "다" * 10 + "\n" + "라" * 10][:1]
-    assert passages_from(texts, 61, 1) == ["가" * 10 + "\n" + "나" * 10]
+    first, second = "가" * 10 + "\n" + "나" * 10, "다" * 10 + "\n" + "라" * 10  # 61 bytes each
+    assert passages_from(texts, 61, 10) == [first, second]
+    assert passages_from(texts, 61, 1) == [first]
+    assert passages_from(texts, 70, 10) == [first, second]
+    assert passages_from(texts[:3], 61, 10) == [first]  # a 30-byte tail is a scrap, not a passage
     assert passages_from(texts, 1000, 3) == ["\n".join(texts)]  # too few texts: keep what there is
+    assert passages_from(["가" * 40, "나"], 61, 10) == ["가" * 40]  # a long text stands alone
 
 
 def test_shared_vocab_by_token_map():
@@ -169,6 +173,27 @@ def test_pruned_vocab_compares_on_shared_tokens(uniform, tmp_path):
     assert result.kl_mean == pytest.approx(0.0, abs=1e-6)  # uniform on the 258 shared tokens either way
     assert result.same_top1 == 1.0
     assert "258 shared tokens" in result.vocab_note and "14.00%" in result.vocab_note
+
+
+def test_kl_stops_where_tokenizations_part(uniform, tilted):
+    """When the candidate segments a passage differently, KL covers only positions with the same context."""
+    model, bias = tilted
+    candidate = CausalLM(model.folder)
+    changed = TEXTS[1]
+    honest = candidate.encode
+
+    def encode(text: str, add_bos: bool = True) -> list[int]:
+        ids = honest(text, add_bos)
+        return ids[:5] + [0] + ids[6:] if text == changed else ids
+
+    candidate.encode = encode
+    result = evaluate(candidate, TEXTS, reference=uniform, show_progress=False)
+    n_changed = len(changed.encode())
+    assert result.kl_positions == result.tokens - (n_changed - 6)  # rows 0..5 of that passage still compare
+    assert "1 of 4 passages are tokenized differently" in result.vocab_note
+    probabilities = np.exp(bias) / np.exp(bias).sum()
+    uniform_p = np.full(len(bias), 1 / len(bias))
+    assert result.kl_mean == pytest.approx(float(np.sum(uniform_p * np.log(uniform_p / probabilities))), rel=1e-5)
 
 
 # --- tiny exported models ------------------------------------------------------------------------

@@ -240,6 +240,9 @@ def test_global_and_local_scope_and_iterative_rounds(tiny_checkpoints):
     widths = [s["intermediate_size"] for s in layer_shapes(model)]
     assert widths == [128, 1]  # the weak layer gives all its channels, down to the floor of one
     model = _load(tiny_checkpoints["llama"])
+    apply_structured(model, StructuredConfig(head_ratio=0.5, scope="global"), [])
+    assert sum(s["heads"] for s in layer_shapes(model)) == 4  # half of 2 layers x 4 heads, one per group
+    model = _load(tiny_checkpoints["llama"])
     apply_structured(model, StructuredConfig(ffn_ratio=0.5, steps=3, multiple_of=1), [])
     assert [s["intermediate_size"] for s in layer_shapes(model)] == [64, 64]
 
@@ -339,6 +342,28 @@ def test_prune_command_exports_smaller_bundle(tiny_checkpoints, corpus_file, tmp
     assert logits.shape[-1] == manifest.model.vocab_size
 
 
+def test_pruning_a_pruned_checkpoint_composes_the_token_map(tiny_checkpoints, corpus_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from exporter.cli_prune import PruneOptions, prune_checkpoint
+    from exporter.prune_vocab import VocabConfig
+    from exporter.sources import resolve_model
+
+    first = PruneOptions(vocab=VocabConfig(coverage=1.0, corpora=[str(corpus_file)]), eval_texts=0)
+    prune_checkpoint(resolve_model(str(tiny_checkpoints["llama"])), tmp_path / "a", first)
+    second = PruneOptions(vocab=VocabConfig(vocab_size=262, corpora=[str(corpus_file)], fill="none"),
+                          eval_texts=0)
+    second.structured.ffn_ratio = 0.25
+    prune_checkpoint(resolve_model(str(tmp_path / "a")), tmp_path / "b", second)
+    history = json.loads((tmp_path / "b" / "koedge-passes.json").read_text())
+    assert [record["name"] for record in history] == ["prune", "prune"]
+    token_map = json.loads((tmp_path / "b" / "token_map.json").read_text())
+    assert token_map["original_vocab_size"] == 320 and token_map["vocab_size"] == 262
+    original = load_file(str(tiny_checkpoints["llama"] / "model.safetensors"))["model.embed_tokens.weight"]
+    pruned = load_file(str(tmp_path / "b" / "model.safetensors"))["model.embed_tokens.weight"]
+    assert pruned.equal(original[token_map["new_to_original"]])
+
+
 def test_nonuniform_checkpoint_reloads(tiny_checkpoints, tmp_path):
     import torch
 
@@ -381,6 +406,12 @@ def test_prune_refuses_bundles_and_bad_options(tiny_bundles, tiny_checkpoints, t
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
+    from exporter.cli_prune import options_from_dict
+
+    with pytest.raises(KoedgeError, match="unknown option"):
+        options_from_dict({"vocab_sizes": 1000})
+    options = options_from_dict({"coverage": 0.99, "corpus": "klue", "drop_layers": "0,1", "sparsity": 0.3})
+    assert options.vocab.corpora == ["klue"] and options.structured.drop_layers == [0, 1] and options.active
 
 
 @requires_data

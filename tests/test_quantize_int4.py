@@ -98,7 +98,7 @@ ALGOS = ["rtn", "k_quant", "hqq", pytest.param("gptq", marks=requires_data)]
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("arch", ["gemma3_text", "llama"])
 def test_each_algorithm_gives_a_close_loadable_bundle(tiny_bundles, tmp_path, algo, arch):
-    config = Int4Config(algo=algo, embedding="int4", calib_samples=4, calib_max_length=48)
+    config = Int4Config(algo=algo, embedding="int4", int8=[], calib_samples=4, calib_max_length=48)
     result = quantize_bundle(tiny_bundles[arch], tmp_path / "q", config, **QUIET)
     reference, quantized = CausalLM(tiny_bundles[arch]), CausalLM(result.folder)
     kl = mean_kl(reference, quantized)
@@ -115,7 +115,8 @@ def test_each_algorithm_gives_a_close_loadable_bundle(tiny_bundles, tmp_path, al
 def test_int4_is_further_from_fp32_than_int8(tiny_bundles, tmp_path):
     """The KL bound above is not loose: it separates bit widths on the same model."""
     src = tiny_bundles["gemma3_text"]
-    four = quantize_bundle(src, tmp_path / "q4", Int4Config(algo="rtn", embedding="int4", block_size=128), **QUIET)
+    four = quantize_bundle(src, tmp_path / "q4", Int4Config(algo="rtn", embedding="int4", block_size=128, int8=[]),
+                           **QUIET)
     eight = quantize_bundle(src, tmp_path / "q8", Int4Config(algo="rtn", embedding="int8", block_size=128,
                                                              int8=["/"]), **QUIET)
     reference = CausalLM(src)
@@ -132,7 +133,7 @@ def test_tied_embedding_is_stored_once(tiny_bundles, tmp_path, embedding):
     src = tiny_bundles["gemma3_text"]
     reference = CausalLM(src)
     vocab, hidden = reference.manifest.model.vocab_size, reference.manifest.model.hidden_size
-    result = quantize_bundle(src, tmp_path / "q", Int4Config(algo="rtn", embedding=embedding), **QUIET)
+    result = quantize_bundle(src, tmp_path / "q", Int4Config(algo="rtn", embedding=embedding, int8=[]), **QUIET)
     inits, model = _initializers(result.folder)
     big = [name for name, tensor in inits.items() if tensor.dims and tensor.dims[0] in (vocab, hidden)
            and np.prod(tensor.dims) >= vocab * hidden * (4 if embedding == "int4" else 8) // 8]
@@ -170,7 +171,7 @@ def test_mixed_precision_counts_int8_matmuls(tiny_bundles, tmp_path):
 # --- errors ------------------------------------------------------------------------------------------------------------
 
 def test_quantizing_a_quantized_bundle_is_refused(tiny_bundles, tmp_path):
-    first = quantize_bundle(tiny_bundles["llama"], tmp_path / "q", Int4Config(algo="rtn"), **QUIET)
+    first = quantize_bundle(tiny_bundles["llama"], tmp_path / "q", Int4Config(algo="rtn", int8=[]), **QUIET)
     with pytest.raises(KoedgeError, match="already quantized"):
         quantize_bundle(first.folder, tmp_path / "qq", Int4Config(algo="rtn"), **QUIET)
     assert not (tmp_path / "qq").exists()
@@ -190,10 +191,11 @@ def test_cli_quantize_int4(tiny_bundles, tmp_path, capsys):
 
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_bundles["qwen2"]), "--int4", "--algo", "rtn", "--block-size", "64",
-                 "--out", str(out), "--no-eval"]) == 0
+                 "--int8-matmuls", "down_proj", "--out", str(out), "--no-eval"]) == 0
     assert "quantize-int4" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["block_size"] == 64 and report["bytes_after"] < report["bytes_before"]
+    assert report["config"]["int8"] == ["down_proj"] and report["results"]["matmuls_int8"] == 2
     assert (out / "report.md").read_text().startswith("# quantize-int4")
     assert main(["quantize", str(tiny_bundles["qwen2"]), "--int4", "--out", str(out), "--no-eval"]) == 1
     assert "exists" in capsys.readouterr().err

@@ -229,10 +229,12 @@ def test_chat_template_renders_with_jinja(tiny_bundles, tmp_path):
                               "{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}")
     (bundle / "tokenizer_config.json").write_text(json.dumps(config))
     lm = load(bundle)
-    messages = [{"role": "user", "content": "안녕"}, {"role": "assistant", "content": "네"}, {"role": "user", "content": "?"}]
+    messages = [{"role": "user", "content": "안녕"}, {"role": "assistant", "content": "네"},
+                {"role": "user", "content": "?"}]
     ids = render_chat(lm, messages)
     assert ids[0] == lm.manifest.tokens.bos_token_id
-    assert lm.tokenizer.decode(ids[:7], skip_special_tokens=False) == "<s><s>user: 안녕</s>"
+    assert (lm.tokenizer.decode(ids, skip_special_tokens=False)
+            == "<s><s>user: 안녕</s><s>assistant: 네</s><s>user: ?</s><s>assistant:")
     from transformers import AutoTokenizer
 
     expected = AutoTokenizer.from_pretrained(bundle).apply_chat_template(messages, add_generation_prompt=True)

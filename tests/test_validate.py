@@ -10,7 +10,7 @@ import pytest
 
 from runtime.bundle import read_manifest
 from runtime.errors import KoedgeError
-from runtime.memory import MIB, kv_cache_bytes, parse_size, predict_budget
+from runtime.memory import MIB, kv_cache_bytes, parse_size, predict_budget, prefill_chunk_for
 from runtime.validate import ValidateConfig, _own_cgroup_dirs, _make_cgroup, validate
 
 
@@ -34,6 +34,16 @@ def test_budget_counts_kv_per_manifest(tiny_bundles):
     assert budget.weights == manifest.weight_bytes() > 0
     assert budget.total == budget.weights + budget.kv_cache + budget.activations
     assert predict_budget(manifest, 64, 32, prefill_chunk=16).activations < budget.activations
+
+
+def test_auto_prefill_chunk_bounds_the_logits(tiny_bundles):
+    manifest = read_manifest(tiny_bundles["llama"])
+    assert prefill_chunk_for(manifest, "auto") is None  # a small vocabulary: the whole prompt in one call
+    assert prefill_chunk_for(manifest, 0) is None and prefill_chunk_for(manifest, 32) == 32
+    manifest.model.vocab_size = 262144  # gemma's: 64 rows of logits are 64 MiB
+    assert prefill_chunk_for(manifest, "auto") == 64
+    with pytest.raises(KoedgeError):
+        prefill_chunk_for(manifest, "half")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
