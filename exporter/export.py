@@ -144,7 +144,7 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
     model = onnx.load(str(source))
     tied = share_tied_embedding(model) if config.share_tied_embedding else None
     if tied:
-        progress(f"tied embedding stored once ({tied.bytes_saved / 1e6:.0f} MB saved)")
+        progress(f"tied embedding shared with the LM head ({tied.bytes_saved / 1e6:.0f} MB saved)")
     onnx.save_model(model, str(folder / ONNX_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
     del model

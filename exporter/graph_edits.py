@@ -20,6 +20,38 @@ def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {tensor.name: tensor for tensor in model.graph.initializer}
 
 
+def _lm_head_node(matmul: onnx.NodeProto, embedding_name: str) -> onnx.NodeProto:
+    return helper.make_node("FusedMatMul", [matmul.input[0], embedding_name], list(matmul.output),
+                            name=matmul.name or "lm_head", domain="com.microsoft", transB=1, alpha=1.0)
+
+
+def _use_contrib_domain(model: onnx.ModelProto) -> None:
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def _transposed_embeddings(model: onnx.ModelProto, embeddings: dict) -> TiedResult | None:
+    """Optimum ties some models (Llama) as MatMul(h, Transpose(E)): stored once on disk, but
+    onnxruntime folds the Transpose into a second copy in memory at load. Same fix as below."""
+    nodes = list(model.graph.node)
+    producers = {output: node for node in nodes for output in node.output}
+    for index, node in enumerate(nodes):
+        source = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if source is None or source.op_type != "Transpose" or source.input[0] not in embeddings:
+            continue
+        perm = next((list(helper.get_attribute_value(a)) for a in source.attribute if a.name == "perm"), [1, 0])
+        if perm != [1, 0]:
+            continue
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, _lm_head_node(node, source.input[0]))
+        if sum(source.output[0] in other.input for other in model.graph.node) == 0:
+            model.graph.node.remove(source)
+        _use_contrib_domain(model)
+        tensor = embeddings[source.input[0]]
+        return TiedResult(source.input[0], node.name, 4 * tensor.dims[0] * tensor.dims[1])
+    return None
+
+
 def share_tied_embedding(model: onnx.ModelProto) -> TiedResult | None:
     """Store a tied input/output embedding once.
 
@@ -37,6 +69,9 @@ def share_tied_embedding(model: onnx.ModelProto) -> TiedResult | None:
     for node in model.graph.node:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
+    transposed = _transposed_embeddings(model, embeddings)
+    if transposed:
+        return transposed
     for index, node in enumerate(model.graph.node):
         if node.op_type != "MatMul" or node.input[1] not in inits:
             continue
@@ -48,13 +83,10 @@ def share_tied_embedding(model: onnx.ModelProto) -> TiedResult | None:
         head = numpy_helper.to_array(weight)
         if not np.array_equal(head.T, embedding):
             continue
-        fused = helper.make_node("FusedMatMul", [node.input[0], embedding_name], list(node.output),
-                                 name=node.name or "lm_head", domain="com.microsoft", transB=1, alpha=1.0)
         model.graph.node.remove(node)
-        model.graph.node.insert(index, fused)
+        model.graph.node.insert(index, _lm_head_node(node, embedding_name))
         if consumers.get(weight.name, 0) == 1:
             model.graph.initializer.remove(weight)
-        if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        _use_contrib_domain(model)
         return TiedResult(embedding_name, node.name, head.nbytes)
     return None

@@ -167,3 +167,27 @@ def test_gemma_export_parity(gemma_bundle):
     assert all(case["max_abs_diff"] < 1e-2 and case["same_argmax"] for case in cases)
     assert manifest.passes[0].results["tied_embedding_shared"]
     assert manifest.weight_bytes() < 1.15e9  # 1.07 GB of weights, stored once (Optimum alone writes 1.74 GB)
+
+
+def test_llama_tied_through_transpose_is_shared(tmp_path):
+    """Optimum ties Llama as MatMul(h, Transpose(E)); onnxruntime would fold that into a second copy."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from exporter.export import export_model
+    from exporter.sources import resolve_model
+    from tiny_models import tiny_config, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_config("llama", len(tokenizer))
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    result = export_model(resolve_model(str(tmp_path / "ckpt")), tmp_path / "bundle", progress=lambda m: None)
+    model = onnx.load(str(result.folder / "model.onnx"), load_external_data=False)
+    embedding = "model.embed_tokens.weight"
+    assert not any(node.op_type == "Transpose" and embedding in node.input for node in model.graph.node)
+    assert any(node.op_type == "FusedMatMul" and embedding in node.input for node in model.graph.node)
+    assert all(case["same_argmax"] for case in result.parity["cases"])
