@@ -16,7 +16,7 @@ $(BIN)/koedge: pyproject.toml
 setup: $(BIN)/koedge
 
 demo: setup
-	$(BIN)/koedge export --model $(MODEL) --out $(OUT) --overwrite
+	$(BIN)/koedge build --model $(MODEL) --recipe phone-3gb --out $(OUT)
 	$(BIN)/koedge run $(OUT) "대한민국의 수도는" --max-new-tokens 48
 
 test: setup

@@ -52,7 +52,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "eval", help="accuracy of a bundle: perplexity, bits/byte, KL vs a reference, Korean tasks",
         description="Score a bundle on fixed Korean eval-split passages (the same text for every tokenizer): "
                     "perplexity, bits per byte, and with --reference the KL divergence, its 99th percentile "
-                    "and same-top-1 (llama.cpp's definitions); plus zero-shot task accuracy with a 95%% CI.")
+                    "and same-top-1 (llama.cpp's definitions); plus zero-shot task accuracy with a 95% CI.")
     parser.add_argument("bundle", help="bundle folder")
     parser.add_argument("--reference", default=None, help="bundle to compare against (e.g. the FP32 one)")
     parser.add_argument("--data", default="ko", help="ko | nsmc | klue, or a .txt/.jsonl file (default: ko)")

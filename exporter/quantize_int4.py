@@ -296,6 +296,7 @@ class Table:
     weight: str  # [V, H]
     lm_head: onnx.NodeProto | None = None  # FusedMatMul(x, E, transB=1) when tied, else MatMul(x, W [H, V])
     lm_weight: str | None = None
+    transpose: onnx.NodeProto | None = None  # Transpose(E) feeding a MatMul LM head (Optimum's tied form)
 
     @property
     def tied(self) -> bool:
@@ -310,11 +311,17 @@ def find_table(model: onnx.ModelProto, reader: WeightReader) -> Table | None:
     gather = max(gathers, key=lambda node: np.prod(reader.shape(node.input[0])))
     vocab, hidden = reader.shape(gather.input[0])
     table = Table(gather, gather.input[0])
+    producers = {output: node for node in model.graph.node for output in node.output}
     for node in model.graph.node:
         if node.op_type == "FusedMatMul" and node.input[1] == table.weight:
             table.lm_head, table.lm_weight = node, node.input[1]
         elif node.op_type == "MatMul" and node.input[1] in reader and reader.shape(node.input[1]) == (hidden, vocab):
             table.lm_head, table.lm_weight = node, node.input[1]
+        elif node.op_type == "MatMul" and node.input[1] in producers:
+            source = producers[node.input[1]]
+            perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), [1, 0])
+            if source.op_type == "Transpose" and source.input[0] == table.weight and perm == [1, 0]:
+                table.lm_head, table.lm_weight, table.transpose = node, table.weight, source
     return table
 
 
@@ -385,12 +392,18 @@ def _bits_for(node: onnx.NodeProto, config: Int4Config) -> int:
 
 def _shared_table(writer: GraphWriter, table: Table, packed: Packed, vocab: int, hidden: int) -> None:
     """Tied: MatMulNBits (LM head) and GatherBlockQuantized (embedding) read one quantized tensor."""
-    prefix = table.weight
-    names = writer.add_packed(prefix, packed)
-    data, scales = names[0], names[1]
-    blocks = packed.data.shape[1]
+    names = writer.add_packed(table.weight, packed)
     head = table.lm_head
     writer.swap(head, [writer.matmul_nbits(head, head.input[0], names, packed, vocab, head.name + "_Q")])
+    if table.transpose is not None and not any(table.transpose.output[0] in node.input
+                                               for node in writer.model.graph.node if node is not head):
+        writer.swap(table.transpose, [])
+    _gather(writer, table, packed, names, vocab, hidden)
+
+
+def _gather(writer: GraphWriter, table: Table, packed: Packed, names: list[str], vocab: int, hidden: int) -> None:
+    """GatherBlockQuantized over the MatMulNBits-layout tensor [V, blocks, blob] (quantize_axis=2)."""
+    prefix, (data, scales), blocks = table.weight, names[:2], packed.data.shape[1]
     # GatherBlockQuantized wants scales (and zero points) of the data's rank: [V, blocks, 1].
     shape3 = writer.add(f"{prefix}_shape3", np.array([vocab, blocks, 1], np.int64))
     nodes = [helper.make_node("Reshape", [scales, shape3], [f"{scales}_3d"], name=f"{prefix}_scales_3d")]
@@ -411,7 +424,7 @@ def _shared_table(writer: GraphWriter, table: Table, packed: Packed, vocab: int,
     flat = writer.add(f"{prefix}_flat", np.array([0, 0, padded], np.int64))
     if padded == hidden:
         nodes.append(helper.make_node("Reshape", [gathered, flat], list(table.gather.output), name=f"{prefix}_flat"))
-    else:
+    else:  # K padded up to whole blocks: cut the padding off again
         nodes.append(helper.make_node("Reshape", [gathered, flat], [f"{gathered}_flat"], name=f"{prefix}_flat"))
         starts, ends = writer.add(f"{prefix}_starts", np.array([0], np.int64)), writer.add(
             f"{prefix}_ends", np.array([hidden], np.int64))
@@ -419,20 +432,6 @@ def _shared_table(writer: GraphWriter, table: Table, packed: Packed, vocab: int,
         nodes.append(helper.make_node("Slice", [f"{gathered}_flat", starts, ends, axes], list(table.gather.output),
                                       name=f"{prefix}_unpad"))
     writer.swap(table.gather, nodes, dropped=table.weight)
-
-
-def _own_gather(writer: GraphWriter, table: Table, packed: Packed, vocab: int) -> None:
-    """Untied embedding: GatherBlockQuantized over its own [V, H*bits/8] table."""
-    prefix = table.weight
-    data = writer.add(f"{prefix}_Q{packed.bits}", packed.data.reshape(vocab, -1))
-    scales = writer.add(f"{prefix}_scales", packed.scales)
-    inputs = [data, table.gather.input[1], scales]
-    if packed.zero_points is not None:
-        inputs.append(writer.add(f"{prefix}_zp", packed.zero_points))
-    node = helper.make_node("GatherBlockQuantized", inputs, list(table.gather.output), name=table.gather.name + "_Q",
-                            domain="com.microsoft", gather_axis=0, quantize_axis=1,
-                            block_size=packed.block_size, bits=packed.bits)
-    writer.swap(table.gather, [node], dropped=table.weight)
 
 
 def _table_algo(config: Int4Config) -> str:
@@ -444,16 +443,15 @@ def _table_algo(config: Int4Config) -> str:
 
 # --- GPTQ calibration -----------------------------------------------------------------------------------------
 
-def _hessians(src: Path, model: onnx.ModelProto, inputs: list[str], config: Int4Config,
+def _hessians(src: Path, dims: dict[str, int], config: Int4Config,
               progress: Callable[[str], None]) -> dict[str, np.ndarray]:
-    """X^T X of each MatMul input over Korean calibration prefills and decode steps (FP32 source bundle)."""
+    """X^T X of each MatMul input over Korean calibration prefills (FP32 source bundle)."""
     from exporter.calibration import CalibrationConfig, KVCacheReader, build_sequences
     from runtime.model import CausalLM
 
     hessians: dict[str, np.ndarray] = {}
     groups, group, used = [], [], 0
-    dims = _input_dims(model, inputs)
-    for name in inputs:
+    for name in dims:
         size = dims[name] ** 2 * 8
         if group and used + size > config.hessian_budget_mb * 1e6:
             groups.append(group)
@@ -508,17 +506,6 @@ def _probe_session(src: Path, outputs: list[str]):
     return ort.InferenceSession(probe.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def _input_dims(model: onnx.ModelProto, inputs: list[str]) -> dict[str, int]:
-    reader_dims = {}
-    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.input and node.input[0] in inputs and len(node.input) > 1 and node.input[1] in weights:
-            shape = weights[node.input[1]]
-            k = shape[1] if node.op_type == "FusedMatMul" else shape[0]
-            reader_dims[node.input[0]] = k
-    return reader_dims
-
-
 # --- the pass -------------------------------------------------------------------------------------------------
 
 def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
@@ -542,10 +529,10 @@ def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
         raise KoedgeError(f"{src} has no MatMul with a constant 2-D weight to quantize")
     hessians: dict[str, np.ndarray] = {}
     if config.algo == "gptq":
-        inputs = list(dict.fromkeys(node.input[0] for node in targets if _bits_for(node, config) == 4))
+        dims = {node.input[0]: reader.shape(node.input[1])[0] for node in targets if _bits_for(node, config) == 4}
         if table and table.lm_head is not None and config.embedding == "int4":
-            inputs.append(table.lm_head.input[0])
-        hessians = _hessians(src, model, inputs, config, progress)
+            dims[table.lm_head.input[0]] = reader.shape(table.weight)[1]
+        hessians = _hessians(src, dims, config, progress) if dims else {}
     writer = GraphWriter(model, config)
     mix = {"int4": [], "int8": []}
     float_bytes = quant_bytes = 0
@@ -598,7 +585,7 @@ def _quantize_table(writer: GraphWriter, reader: WeightReader, table: Table | No
     if table.tied:
         _shared_table(writer, table, packed, vocab, hidden)
         return result
-    _own_gather(writer, table, packed, vocab)
+    _gather(writer, table, packed, writer.add_packed(table.weight, packed), vocab, hidden)
     if table.lm_head is not None:
         head = reader.array(table.lm_weight)
         head_packed = quantize_weight(head, bits, config, algo=algo, hessian=hessian, block=block)

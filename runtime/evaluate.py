@@ -62,6 +62,8 @@ class EvalResult:
     kl_max: float | None = None
     same_top1: float | None = None  # fraction 0..1
     kl_positions: int | None = None  # positions compared (all scored ones unless tokenizations differ)
+    reference_perplexity: float | None = None  # the reference's own numbers, free when it tokenizes alike
+    reference_bits_per_byte: float | None = None
     vocab_note: str | None = None  # set when the vocabularies differ and KL is on shared tokens
     tasks: dict[str, TaskResult] = field(default_factory=dict)
 
@@ -260,6 +262,7 @@ def _encode_all(model: CausalLM, reference: CausalLM | None, texts: list[str]) -
 @dataclass
 class _Totals:
     nll: float = 0.0
+    ref_nll: float | None = 0.0  # None once a passage is tokenized differently by the reference
     tokens: int = 0
     same_top1: int = 0
     kl: list[np.ndarray] = field(default_factory=list)
@@ -267,8 +270,9 @@ class _Totals:
 
 
 def _score_rows(totals: _Totals, logits: np.ndarray, targets: np.ndarray, ref_logits: np.ndarray | None,
-                shared: tuple[np.ndarray, np.ndarray] | None) -> None:
-    """NLL for rows of logits [n, vocab] predicting `targets`; KL and top-1 on the first len(ref_logits) rows."""
+                ref_targets: np.ndarray | None, shared: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """NLL for rows of logits [n, vocab] predicting `targets`; KL and top-1 on the first len(ref_logits) rows
+    (and the reference's NLL when `ref_targets` is given: then every row is compared)."""
     compared = 0 if ref_logits is None else len(ref_logits)
     for start in range(0, len(targets), ROWS_PER_CHUNK):
         rows = slice(start, start + ROWS_PER_CHUNK)
@@ -279,6 +283,8 @@ def _score_rows(totals: _Totals, logits: np.ndarray, targets: np.ndarray, ref_lo
             continue
         ref = log_softmax(ref_logits[rows])
         cand = cand[: ref.shape[0]]
+        if ref_targets is not None and totals.ref_nll is not None:
+            totals.ref_nll -= float(ref[np.arange(ref.shape[0]), ref_targets[rows]].sum(dtype=np.float64))
         if shared is not None:
             totals.outside_mass.append(1.0 - np.exp(ref[:, shared[0]]).sum(axis=-1, dtype=np.float64))
             ref, cand = renormalize(ref, shared[0]), renormalize(cand, shared[1])
@@ -306,7 +312,10 @@ def evaluate(model: CausalLM, texts: list[str], reference: CausalLM | None = Non
     bar = progress_bar(len(texts), f"eval {model.folder.name}", show_progress)
     for item in encoded:
         ids = item.ids
-        differing += reference is not None and item.same_prefix < max(len(ids), len(item.ref_ids or []))
+        alike = reference is not None and item.same_prefix == len(ids) == len(item.ref_ids)
+        differing += reference is not None and not alike
+        if not alike:
+            totals.ref_nll = None
         for begin, end, first in windows(len(ids), config.window):
             logits = _forward(model, ids[begin:end])[first - begin: end - begin]
             ref_logits = None
@@ -317,7 +326,8 @@ def evaluate(model: CausalLM, texts: list[str], reference: CausalLM | None = Non
                 if shared is None:
                     shared = shared_vocab(ref_logits.shape[-1], token_map_of(reference),
                                           logits.shape[-1], token_map_of(model)) or ()
-            _score_rows(totals, logits, np.asarray(ids[first:end]), ref_logits, shared or None)
+            ref_targets = np.asarray(item.ref_ids[first:end]) if alike else None
+            _score_rows(totals, logits, np.asarray(ids[first:end]), ref_logits, ref_targets, shared or None)
             del logits, ref_logits
         bar.update()
     bar.close()
@@ -332,6 +342,9 @@ def evaluate(model: CausalLM, texts: list[str], reference: CausalLM | None = Non
         result.kl_mean, result.kl_p99, result.kl_max = float(kl.mean()), percentile(kl, 0.99), float(kl.max())
         result.same_top1 = totals.same_top1 / len(kl)
         result.kl_positions = len(kl)
+        if totals.ref_nll is not None:
+            result.reference_perplexity = math.exp(totals.ref_nll / totals.tokens)
+            result.reference_bits_per_byte = totals.ref_nll / math.log(2) / n_bytes
         notes = []
         if shared:
             outside = float(np.concatenate(totals.outside_mass).mean())

@@ -159,6 +159,7 @@ def test_fixed_models_by_hand(uniform, tilted):
     n_bytes = sum(len(text.encode()) for text in TEXTS)
     assert result.bits_per_byte == pytest.approx(-np.log2(probabilities[ids]).sum() / n_bytes, rel=1e-5)
     assert result.vocab_note is None
+    assert result.reference_bits_per_byte == pytest.approx(math.log2(len(bias)), rel=1e-6)  # the uniform one
 
 
 def test_pruned_vocab_compares_on_shared_tokens(uniform, tmp_path):
@@ -191,6 +192,7 @@ def test_kl_stops_where_tokenizations_part(uniform, tilted):
     n_changed = len(changed.encode())
     assert result.kl_positions == result.tokens - (n_changed - 6)  # rows 0..5 of that passage still compare
     assert "1 of 4 passages are tokenized differently" in result.vocab_note
+    assert result.reference_perplexity is None  # not every reference token was scored
     probabilities = np.exp(bias) / np.exp(bias).sum()
     uniform_p = np.full(len(bias), 1 / len(bias))
     assert result.kl_mean == pytest.approx(float(np.sum(uniform_p * np.log(uniform_p / probabilities))), rel=1e-5)
@@ -215,6 +217,8 @@ def test_self_kl_is_zero_and_numbers_are_deterministic(tiny_bundles):
     config = EvalConfig(window=16)  # the tiny tokenizer makes ~40 tokens per text: slide too
     first = evaluate(model, TEXTS, reference=again, config=config, show_progress=False)
     assert first.kl_mean == 0.0 and first.kl_max == 0.0 and first.same_top1 == 1.0
+    assert first.reference_perplexity == first.perplexity
+    assert first.reference_bits_per_byte == first.bits_per_byte
     second = evaluate(model, TEXTS, reference=again, config=config, show_progress=False)
     first.seconds = second.seconds = 0.0
     assert first.to_dict() == second.to_dict()

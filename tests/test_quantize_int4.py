@@ -226,9 +226,39 @@ def test_gemma_int4_default_meets_targets(gemma_bundle, tmp_path):
     from runtime.evaluate import EvalConfig
 
     result = quantize_bundle(gemma_bundle, tmp_path / "gemma-int4", Int4Config(), progress=lambda message: None,
-                             eval_config=EvalConfig(max_samples=16))
+                             eval_config=EvalConfig(max_samples=8))
     report = result.report
     source, quantized = report["accuracy"]["source"], report["accuracy"]["quantized"]
     assert report["bytes_after"] <= 250e6, report["bytes_after"]
     assert quantized["perplexity"] <= 1.15 * source["perplexity"], (quantized["perplexity"], source["perplexity"])
     assert quantized["kl_mean"] <= 0.15, quantized["kl_mean"]
+
+
+def test_tied_head_written_as_transpose_is_shared(tmp_path):
+    """Optimum may write a tied LM head as MatMul(h, Transpose(E)): it is shared the same way."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from exporter.export import export_model
+    from exporter.sources import resolve_model
+    from tiny_models import tiny_config, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_config("llama", len(tokenizer))
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "ck")
+    tokenizer.save_pretrained(tmp_path / "ck")
+    src = tmp_path / "fp32"
+    export_model(resolve_model(str(tmp_path / "ck")), src, progress=lambda message: None)
+    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    # Whatever form the export chose, the quantized graph must read one table.
+    forms = {node.op_type for node in model.graph.node if node.op_type in ("FusedMatMul", "Transpose")}
+    result = quantize_bundle(src, tmp_path / "q", Int4Config(algo="rtn", int8=[]), **QUIET)
+    inits, quantized = _initializers(result.folder)
+    table = [name for name in inits if name.endswith("_Q4") and inits[name].dims[0] == config.vocab_size]
+    assert len(table) == 1, (forms, table)
+    assert {node.op_type for node in quantized.graph.node if table[0] in node.input} == {
+        "GatherBlockQuantized", "MatMulNBits"}
+    assert result.report["results"]["tied_shared"] is True
+    assert mean_kl(CausalLM(src), CausalLM(result.folder)) < 0.02
