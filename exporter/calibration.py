@@ -23,8 +23,8 @@ from runtime.model import CausalLM
 @dataclass
 class CalibrationConfig:
     source: str = "ko"  # nsmc | klue | ko | a .txt / .jsonl file
-    samples: int = 32  # packed sequences used to set the activation ranges
-    holdout: int = 4  # further sequences, never calibrated on, that judge the quantized graph
+    samples: int = 16  # packed sequences used to set the activation ranges
+    holdout: int = 2  # further sequences (max_length tokens each), never calibrated on, that judge the result
     max_length: int = 256  # tokens per sequence (prefill + decode steps)
     min_length: int = 16
     decode_steps: int = 4  # decode feeds per sequence, after its prefill
@@ -61,7 +61,8 @@ def _encode_all(model: CausalLM, texts: list[str], source: str) -> list[list[int
 
 
 def build_sequences(model: CausalLM, config: CalibrationConfig) -> tuple[list[Sequence], list[Sequence]]:
-    """(calibration, holdout) sequences: disjoint texts, shuffled with the seed, packed to varied lengths.
+    """(calibration, holdout) sequences: disjoint texts, shuffled with the seed, packed to varied
+    lengths for calibration and to max_length for the held-out judge (long contexts, more positions).
 
     Sequence i takes texts i, i+n, i+2n... of the shuffled pool (n sequences) until it reaches its
     target length, so each text is used once and each sequence starts with a text of its own.
@@ -75,7 +76,8 @@ def build_sequences(model: CausalLM, config: CalibrationConfig) -> tuple[list[Se
     rng = random.Random(config.seed)
     order = list(range(len(texts)))
     rng.shuffle(order)
-    targets = [rng.randint(config.min_length, config.max_length) for _ in range(wanted)]
+    targets = [rng.randint(config.min_length, config.max_length) for _ in range(config.samples)]
+    targets += [config.max_length] * config.holdout
     per_sequence = 1 + config.max_length // 4  # enough texts to fill any target (each text >= 1 token)
     pool = [texts[i] for i in order[: wanted * per_sequence]]
     encoded = _encode_all(model, pool, config.source)
