@@ -7,7 +7,7 @@ reference for the I/O-binding loop in runtime/kvcache.py); generation uses the b
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +32,12 @@ class CausalLM:
     def __init__(self, folder: str | Path, session_config: SessionConfig | None = None):
         self.folder = Path(folder)
         self.manifest: Manifest = read_manifest(self.folder)
+        config = session_config or SessionConfig()
+        if config.prepacking is None:
+            quantized = any(record.name.startswith("quantize") for record in self.manifest.passes)
+            config = replace(config, prepacking=quantized)
         started = time.perf_counter()
-        self.session = create_session(self.folder / self.manifest.onnx_file, session_config)
+        self.session = create_session(self.folder / self.manifest.onnx_file, config)
         self.load_seconds = time.perf_counter() - started
         self._check_contract()
         tokenizer_file = self.folder / "tokenizer.json"

@@ -91,13 +91,6 @@ def test_int8_static_tiny_bundle_stays_close(tiny_bundles, quantized, arch):
     fp32, int8 = CausalLM(src), CausalLM(out)
     kl, same = divergence(fp32, int8, KOREAN_LINES[:4])
     assert kl < 0.02 and same > 0.8
-    # greedy decode through the KV cache agrees with FP32 for a few steps
-    ids = fp32.encode(KOREAN_LINES[0])
-    outs = [fp32.step(np.array([ids]), fp32.empty_past()), int8.step(np.array([ids]), int8.empty_past())]
-    for _ in range(4):
-        tokens = [int(out.logits[0, -1].argmax()) for out in outs]
-        assert tokens[0] == tokens[1]
-        outs = [model.step(np.array([[tokens[0]]]), out.present) for model, out in zip((fp32, int8), outs)]
 
 
 def test_tied_matrix_is_stored_once(tiny_bundles, quantized):
