@@ -264,8 +264,9 @@ def write_reports(folder: Path, base: dict, rows: list[dict], meta: dict, thresh
 
 def markdown_table(base: dict, rows: list[dict], meta: dict) -> str:
     kinds = sorted({(r["kind"], r["ratio"]) for r in rows}, key=lambda kr: ("ffn", "heads", "layer").index(kr[0]) * 10 + kr[1])
-    header = ["layer"] + [f"{k} {r:g}" for k, r in kinds]
-    lines = [f"# Sensitivity: {meta.get('model', '')}", "",
+    header = ["layer"] + ["whole layer" if k == "layer" else f"{k} {r:g}" for k, r in kinds]
+    vocab = f" (vocabulary {meta['vocab_size']:,})" if meta.get("vocab_size") else ""
+    lines = [f"# Sensitivity: {meta.get('model', '')}{vocab}", "",
              f"Unpruned: {base['bits_per_byte']:.4f} bits/byte on {base['tokens']} tokens "
              f"({base['bytes']} bytes). Cells: Δ bits/byte % (KL vs unpruned). Score: {meta.get('score')}.", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -313,6 +314,7 @@ def plot(path: Path, rows: list[dict], meta: dict) -> bool:
         axis.set_yscale("symlog", linthresh=0.1)
         axis.set_title({"ffn": "FFN channels", "heads": "attention heads", "layer": "layer dropped"}[kind])
         axis.set_xlabel("layer")
+        axis.xaxis.get_major_locator().set_params(integer=True)
         axis.set_ylabel("Δ bits per byte (%)")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=8)

@@ -51,9 +51,11 @@ class Int8StaticConfig:
     accuracy_aware: bool = True  # search which activation groups to keep in float
     target_ppl_increase: float = 0.02  # on the held-out calibration split
     target_same_top1: float = 0.90  # 0.95 is above what INT8 weights alone reach on gemma-3-270m
-    max_float_groups: int = 8
+    max_float_groups: int = 8  # groups tried after the ranking
+    min_kl_gain: float = 0.1  # keep a group float only if it cuts the held-out KL by this fraction
     judged_positions: int = 256  # held-out positions the LM head and KL are computed on
     smooth_alpha: float | None = 0.8  # SmoothQuant migration strength; None: off
+    smooth_products: bool = True  # also migrate into products' factors (down_proj's input via up_proj)
     threads: int = 0
 
     def check(self) -> None:
@@ -109,10 +111,11 @@ class Work:
         return self.folder / ONNX_FILE
 
 
-def write_work_bundle(src: Path, work: Path, smooth: bool, progress) -> Work:
+def write_work_bundle(src: Path, work: Path, smooth: bool, progress, smooth_products: bool = True) -> Work:
     """The FP32 graph without the LM head, as a bundle CausalLM can run (its 'logits' = last hidden).
 
-    With `smooth`, it also outputs the per-channel |max| of every activation SmoothQuant can migrate.
+    With `smooth`, it also outputs the per-channel |max| of every activation SmoothQuant can migrate
+    (norm outputs; with `smooth_products` also products such as down_proj's input).
     """
     manifest = read_manifest(src)
     model = onnx.load(str(src / manifest.onnx_file))
@@ -128,7 +131,7 @@ def write_work_bundle(src: Path, work: Path, smooth: bool, progress) -> Work:
         np.save(work / "head.npy", numpy_helper.to_array(tensor))
         model.graph.initializer.remove(tensor)
         head_weight = np.load(work / "head.npy", mmap_mode="r")
-    smoothable = find_smoothable(model) if smooth else []
+    smoothable = [item for item in find_smoothable(model) if item.axis == 0 or smooth_products] if smooth else []
     add_absmax_outputs(model, smoothable)
     _save(model, work / ONNX_FILE)
     del model
@@ -743,7 +746,8 @@ def search_float(judge: MixJudge, pairs: list[Activation], config: Int8StaticCon
     """Keep in float the activation groups whose float version helps most, until the target is met.
 
     Groups are one kind of MatMul input across layers, or one layer's inputs. Each group's
-    sensitivity is the held-out KL when only it stays float; groups are then added in that order.
+    sensitivity is the held-out KL when only it stays float (on half the held-out text); groups are
+    then tried in that order on all of it, and kept float only when they cut the KL by min_kl_gain.
     """
     groups: dict[str, set[str]] = {}
     for pair in pairs:
@@ -757,7 +761,10 @@ def search_float(judge: MixJudge, pairs: list[Activation], config: Int8StaticCon
     if report["met"]:
         return set(), report
     report["all_float"] = judge({pair.tensor for pair in pairs})
-    progress(f"all activations float (weights INT8): held-out PPL {report['all_float']['ppl_increase']:+.1%}")
+    ceiling = report["all_float"]
+    progress(f"all activations float (weights INT8): held-out PPL {ceiling['ppl_increase']:+.1%}, "
+             f"KL {ceiling['kl_mean']:.3f}, same top-1 {ceiling['same_top1']:.1%}"
+             + ("" if meets(ceiling, config) else " (the target is out of reach: weights alone miss it)"))
     from tqdm import tqdm
 
     report["quick_all_int8"] = judge(set(), quick=True)  # the baseline the quick group scores compare to
@@ -766,19 +773,27 @@ def search_float(judge: MixJudge, pairs: list[Activation], config: Int8StaticCon
         progress(f"  {name} float alone: held-out KL {result['kl_mean']:.3f}, PPL {result['ppl_increase']:+.1%}")
     ranked = sorted(groups, key=lambda name: report["sensitivity"][name]["kl_mean"])
     floating: set[str] = set()
+    current = all_int8
     for name in ranked:
         if len(report["steps"]) >= config.max_float_groups:
             break
         if groups[name] <= floating:
             continue
+        result = judge(floating | groups[name])
+        gain = (current["kl_mean"] - result["kl_mean"]) / max(current["kl_mean"], 1e-9)
+        kept = gain >= config.min_kl_gain
+        report["steps"].append({"float": name, **result, "kl_gain": round(gain, 3), "kept": kept})
+        progress(f"{'+' if kept else '-'} {name} float: held-out PPL {result['ppl_increase']:+.1%}, "
+                 f"KL {result['kl_mean']:.3f} ({-gain:+.0%}), same top-1 {result['same_top1']:.1%}"
+                 + ("" if kept else ": too little gained, stays INT8"))
+        if not kept:
+            continue
         floating |= groups[name]
-        result = judge(floating)
-        report["steps"].append({"float": name, **result})
-        progress(f"+ {name} float: held-out PPL {result['ppl_increase']:+.1%}, KL {result['kl_mean']:.3f}, "
-                 f"same top-1 {result['same_top1']:.1%}")
+        current = result
         if meets(result, config):
             report["met"] = True
             break
+    report["final"] = current
     return floating, report
 
 
@@ -793,14 +808,15 @@ def quantize_int8_static(src_folder: Path, dst_folder: Path, config: Int8StaticC
     config.check()
     src_folder, dst_folder = Path(src_folder), Path(dst_folder)
     manifest = read_manifest(src_folder)
-    started, times = time.perf_counter(), {}
+    started, cpu_started, times = time.perf_counter(), time.process_time(), {}
 
     def lap(name: str) -> None:
         times[name] = round(time.perf_counter() - started - sum(times.values()), 1)
 
     dst_folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".koedge-int8-", dir=dst_folder) as tmp:
-        work = write_work_bundle(src_folder, Path(tmp), config.smooth_alpha is not None, progress)
+        work = write_work_bundle(src_folder, Path(tmp), config.smooth_alpha is not None, progress,
+                                 config.smooth_products)
         session_config = SessionConfig(threads=config.threads)
         runner = CausalLM(work.folder, session_config)
         calibration, holdout = build_sequences(runner, config.calibration)
@@ -845,9 +861,11 @@ def quantize_int8_static(src_folder: Path, dst_folder: Path, config: Int8StaticC
                                                   "feeds": feeds, "holdout_sequences": len(holdout),
                                                   "tokens": sum(len(s.ids) for s in calibration)},
         "activations_int8": len(pairs) - len(floating), "activations_float": len(floating),
-        "kept_float": kept, "kept_float_why": search.get("steps", []), "search": search, "head": head_report,
+        "kept_float": kept, "kept_float_why": [step for step in search.get("steps", []) if step["kept"]],
+        "heldout": search.get("final", search.get("all_int8")), "search": search, "head": head_report,
         "smooth_quant": smoothing,
         "seconds": times, "total_seconds": round(time.perf_counter() - started, 1),
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),  # all threads; wall time depends on load
     }
 
 
