@@ -39,7 +39,9 @@ class Int4Config:
     algo: str = "gptq"  # rtn | hqq | gptq | k_quant: the quantizer of the 4-bit weights
     block_size: int = 32  # weights per scale, along K
     symmetric: bool = False  # no zero points (rtn, gptq only)
-    accuracy_level: int = 0  # MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
+    # MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations. 4 is MLAS's only fast
+    # CPU path for 8-bit blocks: gemma-3-270m all-8-bit decodes at 40 tok/s with it, 0.8 without.
+    accuracy_level: int = 4
     embedding: str = "int4"  # int4 | int8 | fp32: the embedding table and the LM head (shared when tied)
     embedding_block_size: int | None = None  # None: block_size
     int8: list[str] = field(default_factory=lambda: ["/"])  # MatMul name fragments kept at 8 bits; "/": all
