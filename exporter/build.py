@@ -134,7 +134,7 @@ def run_validate(state: BuildState, spec: PassSpec, progress: Callable[[str], No
     from dataclasses import asdict
 
     from runtime.memory import parse_size
-    from runtime.validate import ValidateConfig, describe, validate
+    from runtime.validate import ValidateConfig, validate
 
     options = dict(spec.config)
     options["mem_cap"] = parse_size(str(options.get("mem_cap", "3GiB")))
@@ -144,7 +144,9 @@ def run_validate(state: BuildState, spec: PassSpec, progress: Callable[[str], No
     report = validate(state.bundle, config)
     if not report.passed:
         raise KoedgeError(f"validate FAILED: {report.verdict}")
-    progress(describe(report).splitlines()[0])
+    speed = report.decode_tokens_per_second
+    progress(f"{report.verdict}: peak RSS {report.peak_rss_bytes / 2**20:,.0f} MiB, TTFT {report.ttft_seconds:.2f} s, "
+             f"decode {speed:.1f} tok/s" if speed else report.verdict)
     return asdict(report)
 
 
@@ -163,7 +165,7 @@ def run_eval(state: BuildState, spec: PassSpec, progress: Callable[[str], None])
         reference = CausalLM(state.reference)
         progress(f"evaluating the FP32 reference on {len(texts)} Korean passages")
         results["reference"] = evaluate(reference, texts, config=config).to_dict()
-        progress(f"evaluating the bundle against it")
+        progress("evaluating the bundle against it")
         results["bundle"] = evaluate(candidate, texts, reference=reference, config=config).to_dict()
     else:
         progress(f"evaluating the bundle on {len(texts)} Korean passages")

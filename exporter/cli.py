@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import sys
 import time
 
@@ -20,6 +21,25 @@ COMMAND_MODULES = (
     "exporter.cli_prune",  # prune
     "exporter.cli_build",  # build, plan
 )
+
+
+class _KnownNoise(logging.Filter):
+    """Drops two warnings that misfire on koedge's own checkpoints and would alarm a user.
+
+    transformers 4.57.6 flags any local tokenizer saved by a transformers > 4.57.2 as having
+    Mistral's broken regex; Optimum reports the tied embedding as 'different candidate
+    initializers', which koedge's export then stores once (exporter/export.py).
+    """
+
+    PHRASES = ("fix_mistral_regex", "candidate ONNX initializers", "lm_head.weight:", "embed_tokens.weight:")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(phrase in record.getMessage() for phrase in self.PHRASES)
+
+
+def quiet_known_noise() -> None:
+    for name in ("transformers.tokenization_utils_base", "optimum"):
+        logging.getLogger(name).addFilter(_KnownNoise())
 
 
 def progress(message: str) -> None:
@@ -67,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_known_noise()
     try:
         return args.func(args)
     except KoedgeError as err:

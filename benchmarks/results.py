@@ -1,7 +1,11 @@
-"""Peers measured the way koedge measures itself, on the same texts, written to docs/peers.md.
+"""docs/results.md: every shipped recipe and the peers, measured the same way on the same texts.
 
-    python benchmarks/peers.py                        # build what is missing, evaluate, write docs/peers.md
-    python benchmarks/peers.py --peers optimum-int8 --max-samples 8 --task-samples 20   # a quick look
+    python benchmarks/results.py                      # build what is missing, evaluate, write docs/results.md
+    python benchmarks/results.py --recipes phone-3gb --peers optimum-int8 --max-samples 8 --task-samples 20
+
+Recipes: `koedge build --model MODEL --recipe R` (its passes cached under ~/.cache/koedge/build), in a
+child process each; the bundle lands in build/results/<recipe>. The fp32 recipe's bundle is the
+reference every KL is taken against (unless --fp32 names another).
 
 Peers of the FP32 gemma-3-270m bundle (build/gemma3-fp32):
 - optimum-int8: Optimum's own export (`text-generation-with-past`), then ORTQuantizer dynamic INT8
@@ -33,6 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PEERS = ("optimum-int8", "genai-int4")
+PEER_NOTES = {
+    "optimum-int8": "Optimum's own export (`text-generation-with-past`, the tied embedding written twice), then "
+                    "`ORTQuantizer` dynamic INT8 with `AutoQuantizationConfig.avx512_vnni(is_static=False, "
+                    "per_channel=False)`, as Optimum's documentation shows it.",
+    "genai-int4": "onnxruntime-genai's model builder (`-p int4 -e cpu`) from the same FP32 checkpoint, in its own "
+                  "virtual environment (it needs transformers >= 5); workarounds: flat `rope_parameters` for "
+                  "Gemma 3 under transformers 5, and `windowed_kv_cache=false` (its sliding-window cache cannot "
+                  "start from an empty past).",
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 16: "bfloat16"}
 
@@ -155,6 +168,19 @@ def build_genai_int4(checkpoint: Path, fp32: Path, out: Path, work: Path, python
         write_peer_bundle(staging, fp32, "model.onnx", "genai-int4", config, time.perf_counter() - started)
 
 
+def build_recipe(recipe: str, args: argparse.Namespace) -> Path:
+    """`koedge build` in a child process; a failed build is a result (its error line), not a crash."""
+    out = Path(args.out) / recipe
+    progress(f"koedge build --model {args.model} --recipe {recipe} --out {out}")
+    done = subprocess.run([sys.executable, "-m", "exporter.cli", "build", "--model", args.model, "--recipe", recipe,
+                           "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        raise RuntimeError(lines[-1] if lines else f"koedge build exited with {done.returncode}")
+    return out
+
+
 def build(name: str, args: argparse.Namespace) -> None:
     from exporter.sources import resolve_model
 
@@ -220,11 +246,13 @@ def _cell(value, fmt: str) -> str:
 
 def markdown(rows: list[dict], failures: dict[str, str], args: argparse.Namespace) -> str:
     lines = [
-        "# Peers, measured the koedge way",
+        f"# Results: {args.model}, koedge recipes and peers",
         "",
         f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Threads: {args.threads}.",
-        "Other engineers' jobs shared this 2-core machine while it ran: timings (TTFT, tok/s) are disturbed "
-        "and only roughly comparable; PPL, bits/byte, KL and accuracy do not depend on load.",
+        "Timings (TTFT, tok/s) move with the machine's load; PPL, bits/byte, KL and accuracy do not.",
+        "Recipes are `koedge build --recipe NAME` (exporter/recipes/); KL is against the koedge FP32 bundle.",
+        "A vocabulary-pruned bundle (phone-small) tokenizes differently: compare it by bits/byte; its PPL is "
+        "per its own tokens and its KL is over the shared tokens (runtime/evaluate.py).",
         "",
         f"Texts: `runtime.evaluate.eval_texts` — {args.max_samples} passages of eval-split Korean (KLUE formal + "
         "NSMC informal sentences, whole texts up to 896 UTF-8 bytes, ~225 gemma tokens each), every token scored. "
@@ -250,15 +278,18 @@ def markdown(rows: list[dict], failures: dict[str, str], args: argparse.Namespac
     if failures:
         lines += ["", "## Peers that could not be built or measured", ""]
         lines += [f"- **{name}**: {error}" for name, error in failures.items()]
-    lines += ["", "Reproduce: `python benchmarks/peers.py` (bundles are cached in build/peers/).", ""]
+    lines += ["", "## Peer builds", ""]
+    lines += [f"- **{name}**: {how}" for name, how in PEER_NOTES.items()]
+    lines += ["", "Reproduce: `python benchmarks/results.py` (bundles are kept in build/results/).", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fp32", default=str(ROOT / "build" / "gemma3-fp32"), help="the koedge FP32 bundle")
-    parser.add_argument("--model", default="gemma-3-270m", help="checkpoint the peers are built from")
-    parser.add_argument("--out", default=str(ROOT / "build" / "peers"), help="peer bundles and eval caches")
+    parser.add_argument("--fp32", default=None, help="the reference FP32 bundle (default: the fp32 recipe's)")
+    parser.add_argument("--model", default="gemma-3-270m", help="model the recipes and the peers are built from")
+    parser.add_argument("--recipes", default="fp32,phone-3gb,phone-small,int8-static")
+    parser.add_argument("--out", default=str(ROOT / "build" / "results"), help="bundles and eval caches")
     parser.add_argument("--work", default="/tmp/koedge-peers", help="scratch: Optimum export, builder cache")
     parser.add_argument("--genai-python", default="/tmp/C/genai-venv/bin/python")
     parser.add_argument("--peers", default=",".join(PEERS))
@@ -267,11 +298,11 @@ def main() -> None:
     parser.add_argument("--tasks", default="nsmc")
     parser.add_argument("--task-samples", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--no-speed", action="store_true")
-    parser.add_argument("--doc", default=str(ROOT / "docs" / "peers.md"))
+    parser.add_argument("--doc", default=str(ROOT / "docs" / "results.md"))
     parser.add_argument("--build-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.tasks = [name for name in args.tasks.split(",") if name and name != "none"]
@@ -281,9 +312,19 @@ def main() -> None:
 
     from runtime.bundle import read_manifest
 
-    fp32 = Path(args.fp32)
-    rows = [{"label": "koedge FP32 (reference)", "bundle": fp32}]
+    rows: list[dict] = []
     failures: dict[str, str] = {}
+    for recipe in [name for name in args.recipes.split(",") if name]:
+        try:
+            rows.append({"label": f"koedge {recipe}", "bundle": build_recipe(recipe, args)})
+        except RuntimeError as err:
+            failures[f"koedge {recipe}"] = str(err)
+    fp32 = Path(args.fp32) if args.fp32 else Path(args.out) / "fp32"
+    if not (fp32 / "koedge.json").is_file():
+        raise SystemExit(f"no FP32 reference bundle at {fp32} (build the fp32 recipe or pass --fp32)")
+    args.fp32 = str(fp32)
+    if not any(row["bundle"] == fp32 for row in rows):
+        rows.insert(0, {"label": "koedge FP32 (reference)", "bundle": fp32})
     for name in [peer for peer in args.peers.split(",") if peer]:
         folder = Path(args.out) / name
         if args.rebuild or not (folder / "koedge.json").is_file():
@@ -297,7 +338,7 @@ def main() -> None:
         rows.append({"label": name, "bundle": folder})
     for row in list(rows):
         try:
-            reference = None if row["bundle"] == fp32 else fp32
+            reference = None if row["bundle"].resolve() == fp32.resolve() else fp32
             row["eval"] = evaluate_bundle(row["bundle"], reference, args)
             row["size"] = read_manifest(row["bundle"]).weight_bytes()
         except Exception as err:  # a peer that builds but does not run is a result too
