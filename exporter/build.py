@@ -163,10 +163,16 @@ def run_eval(state: BuildState, spec: PassSpec, progress: Callable[[str], None])
     results: dict[str, Any] = {}
     if state.reference and state.reference != state.bundle:
         reference = CausalLM(state.reference)
-        progress(f"evaluating the FP32 reference on {len(texts)} Korean passages")
-        results["reference"] = evaluate(reference, texts, config=config).to_dict()
-        progress("evaluating the bundle against it")
-        results["bundle"] = evaluate(candidate, texts, reference=reference, config=config).to_dict()
+        progress(f"evaluating the bundle against the FP32 reference on {len(texts)} Korean passages")
+        bundle = evaluate(candidate, texts, reference=reference, config=config)
+        results["bundle"] = bundle.to_dict()
+        if bundle.reference_perplexity is not None and not config.tasks:
+            # Same tokenization: the comparison already scored the reference on every token.
+            results["reference"] = {"perplexity": bundle.reference_perplexity,
+                                    "bits_per_byte": bundle.reference_bits_per_byte, "tokens": bundle.tokens}
+        else:
+            progress("evaluating the FP32 reference on its own (its tokenization or tasks differ)")
+            results["reference"] = evaluate(reference, texts, config=config).to_dict()
     else:
         progress(f"evaluating the bundle on {len(texts)} Korean passages")
         results["bundle"] = evaluate(candidate, texts, config=config).to_dict()

@@ -47,6 +47,9 @@ class Int8StaticConfig:
     symmetric_activations: bool = False
     op_types: tuple[str, ...] = ("MatMul",)  # what gets Q/DQ; elementwise ops stay float
     embedding_block_size: int = 128  # INT8 blocks of the embedding / LM head tensor
+    # The LM head's MatMulNBits: 4 = int8 activations per block, MLAS's fast path; 0 dequantizes the
+    # whole 8-bit head on every call (gemma-3-270m: ~1 s per token).
+    head_accuracy_level: int = 4
     accuracy_aware: bool = True  # search which activation groups to keep in float
     target_ppl_increase: float = 0.02  # on the held-out calibration split
     target_same_top1: float = 0.90  # 0.95 is above what INT8 weights alone reach on gemma-3-270m
@@ -365,12 +368,13 @@ def _gather_int8(model: onnx.ModelProto, gather: onnx.NodeProto, name: str, size
         domain="com.microsoft", gather_axis=0, quantize_axis=2, block_size=size, bits=8))
 
 
-def attach_int8_head(model: onnx.ModelProto, head: Head, head_weight: np.ndarray | None, block_size: int) -> dict:
+def attach_int8_head(model: onnx.ModelProto, head: Head, head_weight: np.ndarray | None, block_size: int,
+                     accuracy_level: int = 4) -> dict:
     """LM head -> MatMulNBits (8 bits) and embedding Gather -> GatherBlockQuantized (8 bits).
 
     A tied pair reads one uint8 tensor (only the small scales exist twice: the two ops want
-    them in different ranks). The head's activations stay float: weight-only INT8 there costs
-    almost nothing, and a per-tensor UINT8 input scale before a 262k-way softmax costs much.
+    them in different ranks). The head's input gets no per-tensor Q/DQ: a single UINT8 scale before a
+    262k-way softmax costs much; with accuracy_level 4 MatMulNBits quantizes it per block of K instead.
     """
     graph = model.graph
     inits = {tensor.name: tensor for tensor in graph.initializer}
@@ -384,7 +388,8 @@ def attach_int8_head(model: onnx.ModelProto, head: Head, head_weight: np.ndarray
     del matrix
     graph.node.append(helper.make_node("MatMulNBits", [head.hidden, name, name + "_scales"], [head.logits],
                                        name=head.node or "lm_head", domain="com.microsoft", K=hidden, N=vocab,
-                                       bits=8, block_size=size))
+                                       bits=8, block_size=size,
+                                       **({"accuracy_level": accuracy_level} if accuracy_level else {})))
     if head.embedding is not None:
         gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0] == head.embedding)
         if not tied:
@@ -394,7 +399,7 @@ def attach_int8_head(model: onnx.ModelProto, head: Head, head_weight: np.ndarray
         graph.initializer.remove(inits[head.embedding])
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return {"lm_head": "MatMulNBits 8-bit, float activations",
+    return {"lm_head": f"MatMulNBits 8-bit, accuracy_level {accuracy_level}",
             "embedding": "GatherBlockQuantized 8-bit" if head.embedding else "none found",
             "tied_embedding_shared": tied, "block_size": size}
 
@@ -687,7 +692,8 @@ def quantize_int8_static(src_folder: Path, dst_folder: Path, config: Int8StaticC
         lap("calibrate")
         model = quantize_qdq(work.model, ranges, config)
         head = work.head
-        head_report = attach_int8_head(model, head, work.head_weight, config.embedding_block_size)
+        head_report = attach_int8_head(model, head, work.head_weight, config.embedding_block_size,
+                                       config.head_accuracy_level)
         _restore_outputs(model, src_folder / manifest.onnx_file)
         pairs = activation_pairs(model)
         progress(f"QDQ graph: {len(pairs)} activation tensors, LM head and embedding INT8 weight-only")
