@@ -17,7 +17,7 @@ setup: $(BIN)/koedge
 
 demo: setup
 	$(BIN)/koedge build --model $(MODEL) --recipe phone-3gb --out $(OUT)
-	$(BIN)/koedge run $(OUT) "대한민국의 수도는" --max-new-tokens 48
+	$(BIN)/koedge run $(OUT) "대한민국의 수도는" --max-new-tokens 48 --repetition-penalty 1.2
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -258,21 +258,21 @@ def run_recipe(model_name: str, recipe: Recipe, out: Path, force: bool = False,
 
 
 def _publish(bundle: Path, out: Path, recipe: Recipe, model: ResolvedModel, outcomes: list[PassOutcome]) -> None:
-    """Copy the final bundle out of the cache (hard links where possible) and add report.json."""
+    """Copy the final bundle out of the cache and add report.json.
+
+    A copy, not a hard link: onnx refuses external data in a file with several links ("potential
+    hardlink attack"), so a linked cache entry could no longer be read by the next pass.
+    """
     with staged_folder(out, overwrite=True) as staging:
         for path in bundle.iterdir():
-            target = staging / path.name
-            try:
-                os.link(path, target)
-            except OSError:
-                shutil.copy2(path, target)
+            shutil.copy2(path, staging / path.name)
         report = {
             "model": model.name, "recipe": recipe.name, "description": recipe.description,
             "notes": read_manifest(bundle).model.notes,
             "passes": [{"pass": o.spec.name, "config": o.spec.config, "seconds": round(o.seconds, 1),
                         "cached": o.cached, "results": o.results} for o in outcomes],
         }
-        (staging / "report.json").unlink(missing_ok=True)  # a hard link into the cache: never write through it
+        (staging / "report.json").unlink(missing_ok=True)
         (staging / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
 
 

@@ -58,6 +58,10 @@ def test_build_caches_each_pass(tiny_checkpoints, cache, tmp_path):
     assert report["passes"][3]["results"]["bundle"]["kl_mean"] >= 0
     summary = format_summary(parse_recipe(RECIPE.format(samples=2), "tiny"), first)
     assert "PASS" in summary
+    # Copies, not hard links: onnx refuses external data in a multiply-linked file, which would
+    # break the next pass that loads the cached bundle.
+    assert all(path.stat().st_nlink == 1 for path in out.iterdir())
+    assert all(path.stat().st_nlink == 1 for path in (first[0].folder).iterdir())
 
     again = run_recipe(str(tiny_checkpoints["gemma3_text"]), parse_recipe(RECIPE.format(samples=2), "tiny"), out,
                        progress=quiet)
