@@ -148,7 +148,7 @@ def build_genai_int4(checkpoint: Path, fp32: Path, out: Path, work: Path, python
 
     if not Path(python).is_file():
         raise RuntimeError(f"no onnxruntime-genai environment at {python} (python -m venv; pip install "
-                           "onnxruntime-genai 'transformers>=5' torch)")
+                           "onnxruntime-genai 'transformers>=5' torch==2.13.0 onnx onnx-ir)")
     started = time.perf_counter()
     options = ["windowed_kv_cache=false"]
     with staged_folder(out, overwrite=True) as staging:
@@ -306,6 +306,7 @@ def main() -> None:
     parser.add_argument("--build-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.tasks = [name for name in args.tasks.split(",") if name and name != "none"]
+    args.fp32 = args.fp32 or str(Path(args.out) / "fp32")
     if args.build_child:  # a fresh process per build: torch and the export's memory go when it ends
         build(args.build_child, args)
         return
@@ -319,10 +320,9 @@ def main() -> None:
             rows.append({"label": f"koedge {recipe}", "bundle": build_recipe(recipe, args)})
         except RuntimeError as err:
             failures[f"koedge {recipe}"] = str(err)
-    fp32 = Path(args.fp32) if args.fp32 else Path(args.out) / "fp32"
+    fp32 = Path(args.fp32)
     if not (fp32 / "koedge.json").is_file():
         raise SystemExit(f"no FP32 reference bundle at {fp32} (build the fp32 recipe or pass --fp32)")
-    args.fp32 = str(fp32)
     if not any(row["bundle"] == fp32 for row in rows):
         rows.insert(0, {"label": "koedge FP32 (reference)", "bundle": fp32})
     for name in [peer for peer in args.peers.split(",") if peer]:
