@@ -31,6 +31,10 @@ def _int8_config(args: argparse.Namespace):
     config = Int8StaticConfig(method=args.method, accuracy_aware=not args.no_accuracy_aware)
     if args.percentile is not None:
         config.percentile = args.percentile
+    if args.target_ppl is not None:
+        config.target_ppl_increase = args.target_ppl
+    if args.target_top1 is not None:
+        config.target_same_top1 = args.target_top1
     if args.calib_source:
         config.calibration.source = args.calib_source
     if args.calib_samples:
@@ -87,6 +91,10 @@ def add_commands(commands) -> None:
     int8.add_argument("--percentile", type=float, default=None, help="for --method percentile")
     int8.add_argument("--no-accuracy-aware", action="store_true",
                       help="quantize every activation (skip the search for what to keep in float)")
+    int8.add_argument("--target-ppl", type=float, default=None, metavar="FRACTION",
+                      help="held-out perplexity increase the float search stops at (default 0.02 = +2%%)")
+    int8.add_argument("--target-top1", type=float, default=None, metavar="FRACTION",
+                      help="held-out same-top-1 the float search stops at (default 0.90)")
     calib = parser.add_argument_group("calibration (INT8 static, INT4 gptq)")
     calib.add_argument("--calib-source", default=None, help="nsmc | klue | ko | a .txt / .jsonl file")
     calib.add_argument("--calib-samples", type=int, default=None, help="calibration sequences")
