@@ -113,7 +113,8 @@ def write_peer_bundle(staging: Path, fp32: Path, onnx_file: str, name: str, conf
     manifest.io.kv_dtype = past.dtype
     manifest.onnx_file = onnx_file
     manifest.model.notes = [*manifest.model.notes, f"peer build: {name}"]
-    manifest.passes = [PassRecord(name=f"peer:{name}", config=config, seconds=round(seconds, 1))]
+    # "quantize..." so that runtime.model.CausalLM pre-packs its weights as it does for koedge quantized bundles
+    manifest.passes = [PassRecord(name=f"quantize:peer:{name}", config=config, seconds=round(seconds, 1))]
     write_manifest(staging, manifest)
 
 
