@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import requires_data
 from exporter.calibration import CalibrationConfig, build_sequences
 from exporter.quantize_int8 import (Int8StaticConfig, activation_pairs, channel_absmax, compare,
                                     holdout_reference, keep_float, quantize_int8_static, smooth_work_model,
@@ -173,3 +174,19 @@ def test_bad_method():
     with pytest.raises(KoedgeError, match="unknown calibration method"):
         Int8StaticConfig(method="kl").check()
 
+
+
+@pytest.mark.slow
+@requires_data
+def test_gemma_int8_static_meets_targets(gemma_bundle, tmp_path):
+    """The default INT8-static pass on gemma-3-270m: PPL <= +10% and same-top-1 >= 85% (issue 4's must)."""
+    from exporter.quantize import quantize_bundle
+    from exporter.quantize_int8 import Int8StaticConfig
+    from runtime.evaluate import EvalConfig
+
+    result = quantize_bundle(gemma_bundle, tmp_path / "gemma-int8", Int8StaticConfig(), progress=lambda message: None,
+                             eval_config=EvalConfig(max_samples=8))
+    source, quantized = result.report["accuracy"]["source"], result.report["accuracy"]["quantized"]
+    assert quantized["perplexity"] <= 1.10 * source["perplexity"], (quantized["perplexity"], source["perplexity"])
+    assert quantized["same_top1"] >= 0.85, quantized["same_top1"]
+    assert result.report["bytes_after"] < 0.35 * result.report["bytes_before"]
