@@ -324,7 +324,7 @@ def main() -> None:
     fp32 = Path(args.fp32)
     if not (fp32 / "koedge.json").is_file():
         raise SystemExit(f"no FP32 reference bundle at {fp32} (build the fp32 recipe or pass --fp32)")
-    if not any(row["bundle"] == fp32 for row in rows):
+    if not any(row["bundle"].resolve() == fp32.resolve() for row in rows):
         rows.insert(0, {"label": "koedge FP32 (reference)", "bundle": fp32})
     for name in [peer for peer in args.peers.split(",") if peer]:
         folder = Path(args.out) / name

@@ -268,7 +268,6 @@ def calibrate(model_path: Path, reader: KVCacheReader, config: Int8StaticConfig,
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
     from tqdm import tqdm
 
-
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.method]
     options = {"symmetric": config.symmetric_activations}
@@ -286,6 +285,8 @@ def calibrate(model_path: Path, reader: KVCacheReader, config: Int8StaticConfig,
         calibrator.collect_data(_OneFeed(feed))
     ranges = calibrator.compute_data()
     del calibrator
+    for path in model_path.parent.glob("augmented.onnx*"):  # a full copy of the weights on disk
+        path.unlink()
     return ranges
 
 

@@ -181,7 +181,6 @@ def test_bad_method():
 def test_gemma_int8_static_meets_targets(gemma_bundle, tmp_path):
     """The default INT8-static pass on gemma-3-270m: PPL <= +10% and same-top-1 >= 85% (issue 4's must)."""
     from exporter.quantize import quantize_bundle
-    from exporter.quantize_int8 import Int8StaticConfig
     from runtime.evaluate import EvalConfig
 
     result = quantize_bundle(gemma_bundle, tmp_path / "gemma-int8", Int8StaticConfig(), progress=lambda message: None,
