@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runtime.bundle import (IOContract, Manifest, ModelInfo, PassRecord, SpecialTokens, TensorSpec,
+from runtime.bundle import (LOGITS_TO_KEEP, IOContract, Manifest, ModelInfo, PassRecord, SpecialTokens, TensorSpec,
                             staged_folder, write_manifest)
 from runtime.errors import KoedgeError
 from exporter.architectures import TASK, check_exportable, register_koedge_architectures
@@ -36,6 +36,7 @@ class ExportConfig:
     parity_tolerance: float | None = None  # max |logit diff|; None: 1e-2 for fp32, 0.5 for fp16
     parity_long_prompt: bool = True  # a prompt past the sliding window, when the model has one
     share_tied_embedding: bool = True
+    logits_to_keep_input: bool = True  # optional input: LM head on the last position only (generation)
 
     def tolerance(self) -> float:
         if self.parity_tolerance is not None:
@@ -139,18 +140,20 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
     """Share the tied embedding, save with external data, and run onnx.checker."""
     import onnx
 
-    from exporter.graph_edits import share_tied_embedding
+    from exporter.graph_edits import add_logits_to_keep, share_tied_embedding
 
     model = onnx.load(str(source))
     tied = share_tied_embedding(model) if config.share_tied_embedding else None
     if tied:
         progress(f"tied embedding shared with the LM head ({tied.bytes_saved / 1e6:.0f} MB saved)")
+    last_only = config.logits_to_keep_input and add_logits_to_keep(model)
     onnx.save_model(model, str(folder / ONNX_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
     del model
     (folder / DATA_FILE).chmod(0o644)
     onnx.checker.check_model(str(folder / ONNX_FILE))
-    return {"tied_embedding_shared": bool(tied), "tied_bytes_saved": tied.bytes_saved if tied else 0}
+    return {"tied_embedding_shared": bool(tied), "tied_bytes_saved": tied.bytes_saved if tied else 0,
+            "logits_to_keep_input": bool(last_only)}
 
 
 def export_model(resolved: ResolvedModel, out: str | Path, config: ExportConfig | None = None,
@@ -180,6 +183,7 @@ def export_model(resolved: ResolvedModel, out: str | Path, config: ExportConfig 
         graph = onnx.load(str(folder / ONNX_FILE), load_external_data=False).graph
         io = IOContract(inputs=_tensor_specs(graph.input), outputs=_tensor_specs(graph.output))
         io.uses_position_ids = "position_ids" in io.input_names()
+        io.logits_to_keep = LOGITS_TO_KEEP if LOGITS_TO_KEEP in io.input_names() else None
         past_key = next(spec for spec in io.inputs if spec.name == io.past_key.format(layer=0))
         io.kv_dtype = past_key.dtype
         manifest = Manifest(model=_model_info(resolved, model, past_key), tokens=_special_tokens(model, tokenizer),

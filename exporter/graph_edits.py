@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from runtime.bundle import LOGITS_TO_KEEP
+
 
 @dataclass
 class TiedResult:
@@ -90,3 +92,53 @@ def share_tied_embedding(model: onnx.ModelProto) -> TiedResult | None:
         _use_contrib_domain(model)
         return TiedResult(embedding_name, node.name, head.nbytes)
     return None
+
+# Shape-preserving ops that may sit between the LM head and the logits output (softcapping, casts).
+_ELEMENTWISE = {"Cast", "Div", "Mul", "Tanh", "Add", "Identity"}
+
+
+def _lm_head(model: onnx.ModelProto, logits: str) -> onnx.NodeProto | None:
+    """The MatMul-like node whose weight is an initializer and whose output becomes `logits`."""
+    inits = _initializers(model)
+    producers = {output: node for node in model.graph.node for output in node.output}
+    node = producers.get(logits)
+    while node is not None:
+        if node.op_type in ("MatMul", "FusedMatMul", "Gemm", "MatMulNBits") and node.input[1] in inits:
+            return node
+        if node.op_type not in _ELEMENTWISE:
+            return None
+        node = next((producers[name] for name in node.input if name in producers and name not in inits), None)
+    return None
+
+
+def add_logits_to_keep(model: onnx.ModelProto, logits: str = "logits") -> bool:
+    """Give the graph an optional input `logits_to_keep` (int64 [1], default 0 = every position).
+
+    With 1 the LM head runs on the last position only. Generation needs nothing else, and for a
+    262k vocabulary the head is most of a prefill's work (gemma-3-270m: 168M multiply-adds per
+    position vs 100M for its 18 layers) and its output the biggest tensor (512 positions = 512 MiB).
+    Evaluation keeps the default. Implemented as Slice(hidden, -k, +inf) on the sequence axis
+    before the head; -0 = 0 keeps everything. Returns False when no LM head is recognised.
+    """
+    head = _lm_head(model, logits)
+    if head is None or any(item.name == LOGITS_TO_KEEP for item in model.graph.input):
+        return False
+    hidden = head.input[0]
+    sliced = f"{hidden}/last_positions"
+    default = numpy_helper.from_array(np.zeros(1, np.int64), LOGITS_TO_KEEP)
+    model.graph.initializer.append(default)  # an initializer that is also an input: overridable
+    model.graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, onnx.TensorProto.INT64, [1]))
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), f"{sliced}/end"),
+        numpy_helper.from_array(np.array([1], np.int64), f"{sliced}/axis"),
+    ])
+    index = list(model.graph.node).index(head)
+    model.graph.node.insert(index, helper.make_node("Slice", [hidden, f"{sliced}/start", f"{sliced}/end",
+                                                              f"{sliced}/axis"], [sliced], name=sliced))
+    model.graph.node.insert(index, helper.make_node("Neg", [LOGITS_TO_KEEP], [f"{sliced}/start"],
+                                                    name=f"{sliced}/neg"))
+    head.input[0] = sliced
+    for output in model.graph.output:  # the logits' sequence axis no longer follows input_ids'
+        if output.name == logits and len(output.type.tensor_type.shape.dim) == 3:
+            output.type.tensor_type.shape.dim[1].dim_param = "logits_length"
+    return True

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime.errors import KoedgeError
+
 KOREAN_PROMPT = "대한민국의 수도는 서울이다. 서울은 한강을 끼고 있으며, 인구는 약 천만 명이다."
 KOREAN_PARAGRAPH = (
     "한국어는 교착어로서 조사와 어미가 발달하였다. 훈민정음은 1443년 세종대왕이 창제하였으며, "
@@ -45,6 +47,11 @@ def compare(name: str, model, runner, ids: list[int], steps: int) -> dict:
     exported = _onnx_steps(runner, ids, fed)
     diffs = [float(np.max(np.abs(a - b))) for a, b in zip(reference, exported)]
     same = all(int(a[0, -1].argmax()) == int(b[0, -1].argmax()) for a, b in zip(reference, exported))
+    if runner.keeps_last_logits:  # the generation path: LM head on the last position only
+        last = runner.step(np.array([ids]), runner.empty_past(), last_only=True).logits
+        if last.shape[1] != 1:
+            raise KoedgeError(f"logits_to_keep=1 returned {last.shape[1]} positions")
+        diffs.append(float(np.max(np.abs(last[0, -1] - reference[0][0, -1]))))
     return {"name": name, "tokens": len(ids), "decode_steps": steps, "max_abs_diff": max(diffs),
             "prefill_max_abs_diff": diffs[0], "same_argmax": same}
 

@@ -31,6 +31,9 @@ class TensorSpec:
     shape: list[str | int]
 
 
+LOGITS_TO_KEEP = "logits_to_keep"  # the exporter's optional input (exporter/graph_edits.py)
+
+
 @dataclass
 class IOContract:
     """How to drive the graph: inputs, outputs, and how the KV cache is named and laid out."""
@@ -45,6 +48,7 @@ class IOContract:
     kv_dtype: str = "float32"
     logits: str = "logits"
     uses_position_ids: bool = False
+    logits_to_keep: str | None = None  # optional int64 [1] input: 1 = LM head on the last position only
 
     def input_names(self) -> list[str]:
         return [spec.name for spec in self.inputs]

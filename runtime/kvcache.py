@@ -7,7 +7,8 @@ past and a present onto the same preallocated buffer would alias a Concat's inpu
 (undefined in onnxruntime). So each step binds the previous step's present OrtValues as its past
 inputs and lets onnxruntime allocate the new presents; the old ones are freed when dropped. The
 cache never goes through numpy. Only logits come back, written straight into a numpy buffer we
-bind (no copy), and for a prefill only its last row is kept.
+bind (no copy): the last position's only, where the bundle has the exporter's `logits_to_keep` input,
+else every position's, of which a prefill keeps the last row.
 
 Sliding-window models (gemma3_text, exaone4) keep the full KV in these graphs; the window is
 applied by the mask the graph builds from `attention_mask` and positions, so nothing is trimmed here.
@@ -57,8 +58,8 @@ class BoundCache:
     def run(self, input_ids: np.ndarray | list[int], chunk: int | None = None) -> np.ndarray:
         """Feed `input_ids` ([batch, seq] or one row) after the cached tokens; return the last logits [batch, vocab].
 
-        `chunk` splits a long prefill into calls of at most that many tokens: the graphs return logits
-        for every position, so a 512-token prefill of a 262k vocabulary is a 512 MiB tensor otherwise.
+        `chunk` splits a long prefill into calls of at most that many tokens (runtime.memory.prefill_chunk_for):
+        it bounds the attention scores, and the logits of graphs that return every position's.
         """
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim == 1:
@@ -74,7 +75,8 @@ class BoundCache:
 
     def _call(self, ids: np.ndarray) -> np.ndarray:
         seq = ids.shape[1]
-        feeds = self.lm.feeds(ids, self.length)
+        feeds = self.lm.feeds(ids, self.length, last_only=True)
+        rows = 1 if self.lm.keeps_last_logits else seq
         binding = self.binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
@@ -83,7 +85,7 @@ class BoundCache:
             binding.bind_ortvalue_input(name, value)
         for name, value in zip(self.past_names, self._past):
             binding.bind_ortvalue_input(name, value)
-        logits = np.empty((self.batch, seq, self.vocab), self.logits_dtype)
+        logits = np.empty((self.batch, rows, self.vocab), self.logits_dtype)
         binding.bind_output(self.io.logits, "cpu", 0, self.logits_dtype, list(logits.shape), logits.ctypes.data)
         for name in self.present_names:
             binding.bind_output(name, "cpu")
@@ -92,7 +94,7 @@ class BoundCache:
         self._past = list(outputs[1:])
         binding.clear_binding_inputs()  # drop references to the old past so it can be freed
         self.length += seq
-        return logits[:, -1, :].copy() if seq > 1 else logits[:, 0, :]
+        return logits[:, -1, :].copy() if rows > 1 else logits[:, 0, :]
 
     def kv_bytes(self) -> int:
         """Bytes the cache holds now (one past or present set)."""
@@ -127,9 +129,10 @@ class NumpyCache:
             raise KoedgeError(f"{self.length + ids.shape[1]} tokens exceed the model's context of {self.max_length}")
         step = chunk or ids.shape[1]
         for start in range(0, ids.shape[1], step):
-            out = self.lm.step(ids[:, start:start + step], self._past)
+            piece = ids[:, start:start + step]
+            out = self.lm.step(piece, self._past, last_only=True)
             self._past = out.present
-            self.length += out.logits.shape[1]
+            self.length += piece.shape[1]
         return out.logits[:, -1, :]
 
     def kv_bytes(self) -> int:

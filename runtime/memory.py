@@ -60,9 +60,17 @@ def current_rss(pid: int | str = "self") -> int | None:
 LOGITS_BUDGET = 64 * MIB
 
 
+# With last-position logits (the exporter's logits_to_keep input) a call's biggest tensors are its
+# attention scores, [heads, rows, context]: pieces of this many tokens keep them small at any context.
+ATTENTION_CHUNK = 512
+
+
 def prefill_chunk_for(manifest: Manifest, requested: int | str | None = "auto") -> int | None:
-    """Tokens per prefill call: "auto" keeps a call's logits under LOGITS_BUDGET; 0 or None = one call."""
+    """Tokens per prefill call; "auto": ATTENTION_CHUNK when the graph returns only the last logits,
+    else pieces whose logits stay under LOGITS_BUDGET; 0 or None = one call."""
     if requested == "auto":
+        if manifest.io.logits_to_keep:
+            return ATTENTION_CHUNK if ATTENTION_CHUNK < manifest.model.max_positions else None
         rows = LOGITS_BUDGET // (manifest.model.vocab_size * 4)
         return max(16, rows) if rows < manifest.model.max_positions else None
     if isinstance(requested, str):
@@ -94,15 +102,15 @@ def predict_budget(manifest: Manifest, prompt_tokens: int, new_tokens: int,
                    prefill_chunk: int | str | None = "auto") -> Budget:
     """Budget for one prefill of `prompt_tokens` (in pieces of `prefill_chunk`) then `new_tokens` decode steps.
 
-    The exported graphs return logits for every position of a call, so a prefill's logits
-    ([rows, vocab] float32) dominate activations for big vocabularies: measured on gemma-3-270m
+    Graphs without the exporter's logits_to_keep input return logits for every position of a call, so
+    a prefill's logits ([rows, vocab] float32) dominate activations for big vocabularies: measured on gemma-3-270m
     the transient peak is about 1.3x their size (docs/memory.md). Hidden states ([rows, hidden] a
     dozen times) and attention scores ([heads, rows, context]) come next. The KV cache is held twice
     at a step boundary (past in, present out).
     """
     info = manifest.model
     rows = min(prompt_tokens, prefill_chunk_for(manifest, prefill_chunk) or prompt_tokens)
-    logits = int(1.3 * rows * info.vocab_size * 4)
+    logits = int(1.3 * (1 if manifest.io.logits_to_keep else rows) * info.vocab_size * 4)
     hidden = rows * info.hidden_size * 4 * 16
     attention = rows * prompt_tokens * info.num_attention_heads * 4 * 2
     kv = kv_cache_bytes(manifest, prompt_tokens + new_tokens)

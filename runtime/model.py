@@ -47,8 +47,9 @@ class CausalLM:
 
     # --- contract -------------------------------------------------------------------------
     def _check_contract(self) -> None:
-        graph_inputs = {item.name for item in self.session.get_inputs()}
         declared = set(self.manifest.io.input_names())
+        optional = {item.name for item in self.session.get_overridable_initializers()} & declared
+        graph_inputs = {item.name for item in self.session.get_inputs()} | optional
         if graph_inputs != declared:
             missing, extra = sorted(declared - graph_inputs), sorted(graph_inputs - declared)
             raise KoedgeError(
@@ -85,20 +86,30 @@ class CausalLM:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # --- numpy step ------------------------------------------------------------------------
-    def feeds(self, input_ids: np.ndarray, past_length: int) -> dict[str, np.ndarray]:
-        """The non-KV inputs for a step of `input_ids` [batch, seq] after `past_length` tokens."""
+    @property
+    def keeps_last_logits(self) -> bool:
+        """Whether the graph can run its LM head on the last position only (exporter's logits_to_keep)."""
+        return self.manifest.io.logits_to_keep is not None
+
+    def feeds(self, input_ids: np.ndarray, past_length: int, last_only: bool = False) -> dict[str, np.ndarray]:
+        """The non-KV inputs for a step of `input_ids` [batch, seq] after `past_length` tokens.
+
+        `last_only` asks for the last position's logits only, where the graph can (else all positions).
+        """
         batch, seq = input_ids.shape
         feeds = {"input_ids": input_ids.astype(np.int64),
                  "attention_mask": np.ones((batch, past_length + seq), np.int64)}
         if self.manifest.io.uses_position_ids:
             positions = np.arange(past_length, past_length + seq, dtype=np.int64)
             feeds["position_ids"] = np.broadcast_to(positions, (batch, seq)).copy()
+        if last_only and self.keeps_last_logits:
+            feeds[self.manifest.io.logits_to_keep] = np.ones(1, np.int64)
         return feeds
 
-    def step(self, input_ids: np.ndarray, past: Past) -> StepOutput:
-        """One forward pass, KV cache in and out as numpy arrays."""
+    def step(self, input_ids: np.ndarray, past: Past, last_only: bool = False) -> StepOutput:
+        """One forward pass, KV cache in and out as numpy arrays; logits of every position unless `last_only`."""
         past_length = next(iter(past.values())).shape[2] if past else 0
-        feeds = self.feeds(input_ids, past_length)
+        feeds = self.feeds(input_ids, past_length, last_only)
         feeds.update(past)
         present_names = [name for pair in self.kv_names("present") for name in pair]
         outputs = self.session.run([self.manifest.io.logits, *present_names], feeds)

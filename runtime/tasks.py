@@ -96,7 +96,7 @@ TASKS = {"nsmc": nsmc_examples, "klue-nli": klue_nli_examples}
 def choice_logprobs(model: CausalLM, prompt: str, choices: tuple[str, ...]) -> list[float]:
     """Sum of log-probabilities of each choice's tokens after the prompt: one prefill, then decode steps."""
     prompt_ids = [start_token(model), *model.encode(prompt, add_bos=False)]
-    prefill = model.step(np.array([prompt_ids]), model.empty_past())
+    prefill = model.step(np.array([prompt_ids]), model.empty_past(), last_only=True)
     first = log_softmax(prefill.logits[0, -1:])[0]
     scores = []
     for choice in choices:
@@ -105,7 +105,7 @@ def choice_logprobs(model: CausalLM, prompt: str, choices: tuple[str, ...]) -> l
             raise KoedgeError(f"answer {choice!r} encodes to no tokens")
         score, past = float(first[ids[0]]), prefill.present
         for previous, target in zip(ids, ids[1:]):
-            step = model.step(np.array([[previous]]), past)
+            step = model.step(np.array([[previous]]), past, last_only=True)
             score += float(log_softmax(step.logits[0, -1:])[0, target])
             past = step.present
         scores.append(score)

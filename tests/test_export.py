@@ -71,6 +71,22 @@ def test_numpy_step_is_consistent_with_prefill(tiny_bundles):
         np.testing.assert_allclose(out.logits[0, -1], full[position], atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_logits_to_keep_runs_the_head_on_the_last_position(tiny_bundles, arch):
+    """The optional input: absent = every position (evaluation), 1 = the last one only (generation)."""
+    from runtime.model import CausalLM
+
+    runner = CausalLM(tiny_bundles[arch])
+    assert runner.manifest.io.logits_to_keep == "logits_to_keep" and runner.keeps_last_logits
+    ids = np.array([runner.encode("한국어 모델의 마지막 위치만 계산한다.")])
+    full = runner.step(ids, runner.empty_past())
+    last = runner.step(ids, runner.empty_past(), last_only=True)
+    assert full.logits.shape[1] == ids.shape[1] and last.logits.shape[1] == 1
+    np.testing.assert_allclose(last.logits[0, 0], full.logits[0, -1], atol=1e-5)
+    for name, value in last.present.items():  # the cache is untouched by the slice
+        np.testing.assert_array_equal(value, full.present[name])
+
+
 def _koedge(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True)
 

@@ -10,7 +10,7 @@ import pytest
 
 from runtime.bundle import read_manifest
 from runtime.errors import KoedgeError
-from runtime.memory import MIB, kv_cache_bytes, parse_size, predict_budget, prefill_chunk_for
+from runtime.memory import ATTENTION_CHUNK, MIB, kv_cache_bytes, parse_size, predict_budget, prefill_chunk_for
 from runtime.validate import ValidateConfig, _own_cgroup_dirs, _make_cgroup, validate
 
 
@@ -38,7 +38,14 @@ def test_budget_counts_kv_per_manifest(tiny_bundles):
 
 def test_auto_prefill_chunk_bounds_the_logits(tiny_bundles):
     manifest = read_manifest(tiny_bundles["llama"])
-    assert prefill_chunk_for(manifest, "auto") is None  # a small vocabulary: the whole prompt in one call
+    assert manifest.io.logits_to_keep  # last-position logits: pieces bound only the attention scores
+    manifest.model.max_positions = 4096
+    assert prefill_chunk_for(manifest, "auto") == ATTENTION_CHUNK
+    manifest.model.vocab_size = 262144
+    assert prefill_chunk_for(manifest, "auto") == ATTENTION_CHUNK
+    manifest.io.logits_to_keep = None  # a graph returning every position's logits (e.g. a peer's)
+    manifest.model.vocab_size = 32000
+    assert prefill_chunk_for(manifest, "auto") == 524  # 64 MiB of float32 logits
     assert prefill_chunk_for(manifest, 0) is None and prefill_chunk_for(manifest, 32) == 32
     manifest.model.vocab_size = 262144  # gemma's: 64 rows of logits are 64 MiB
     assert prefill_chunk_for(manifest, "auto") == 64
