@@ -56,7 +56,7 @@ def child(spec: dict) -> dict:
     return {"load_seconds": load_seconds, "ttft_seconds": result.ttft_seconds,
             "decode_tokens_per_second": result.decode_tokens_per_second, "peak_rss": end.get("VmHWM"),
             "load_rss": after_load.get("VmHWM"), "anon_end": end.get("RssAnon"), "file_end": end.get("RssFile"),
-            "weights": lm.manifest.weight_bytes()}
+            "weights": lm.manifest.weight_bytes(), **({"tokens": result.tokens} if spec.get("return_tokens") else {})}
 
 
 def child_ratio(spec: dict) -> dict:

@@ -81,6 +81,14 @@ def progress(message: str) -> None:
 
 
 # --- building ----------------------------------------------------------------------------------
+def uses_group_query_attention(onnx_path: Path) -> bool:
+    """GQA graphs (onnxruntime-genai's) can take one preallocated KV buffer as past and present."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return any(node.op_type == "GroupQueryAttention" for node in graph.node)
+
+
 def graph_io(onnx_path: Path):
     """(inputs, outputs) as TensorSpecs, read from the graph without loading its weights."""
     import onnx
@@ -99,7 +107,7 @@ def graph_io(onnx_path: Path):
 
 def write_peer_bundle(staging: Path, fp32: Path, onnx_file: str, name: str, config: dict, seconds: float) -> None:
     """koedge.json for a peer's ONNX file: the FP32 bundle's model facts, the peer's real I/O."""
-    from runtime.bundle import PassRecord, read_manifest, write_manifest
+    from runtime.bundle import LOGITS_TO_KEEP, PassRecord, read_manifest, write_manifest
 
     manifest = read_manifest(fp32)
     for file_name in TOKENIZER_FILES:
@@ -111,9 +119,11 @@ def write_peer_bundle(staging: Path, fp32: Path, onnx_file: str, name: str, conf
     manifest.io.uses_position_ids = "position_ids" in names
     past = next(spec for spec in inputs if spec.name == manifest.io.past_key.format(layer=0))
     manifest.io.kv_dtype = past.dtype
+    manifest.io.logits_to_keep = LOGITS_TO_KEEP if LOGITS_TO_KEEP in manifest.io.input_names() else None
+    manifest.io.kv_shared_buffer = uses_group_query_attention(staging / onnx_file)
     manifest.onnx_file = onnx_file
     manifest.model.notes = [*manifest.model.notes, f"peer build: {name}"]
-    # "quantize..." so that runtime.model.CausalLM pre-packs its weights as it does for koedge quantized bundles
+    manifest.quantized_weights = True  # runtime.model.CausalLM pre-packs them, as for koedge's quantized bundles
     manifest.passes = [PassRecord(name=f"quantize:peer:{name}", config=config, seconds=round(seconds, 1))]
     write_manifest(staging, manifest)
 

@@ -124,6 +124,7 @@ def quantize_bundle(src: str | Path, out: str | Path, method_config: Any, overwr
         results = _run_method(src, folder, method_config, progress)
         quantize_seconds = time.perf_counter() - started
         manifest.passes.append(PassRecord(name, _as_dict(method_config), round(quantize_seconds, 1), results))
+        manifest.quantized_weights = True
         write_manifest(folder, manifest)
         report = {
             "pass": name, "source_bundle": str(src), "bundle": str(out), "config": _as_dict(method_config),

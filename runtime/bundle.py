@@ -49,6 +49,8 @@ class IOContract:
     logits: str = "logits"
     uses_position_ids: bool = False
     logits_to_keep: str | None = None  # optional int64 [1] input: 1 = LM head on the last position only
+    # past and present may be one preallocated buffer (GroupQueryAttention graphs): see runtime/kvcache.py
+    kv_shared_buffer: bool = False
 
     def input_names(self) -> list[str]:
         return [spec.name for spec in self.inputs]
@@ -103,6 +105,9 @@ class Manifest:
     onnx_file: str
     passes: list[PassRecord] = field(default_factory=list)
     files: dict[str, FileRecord] = field(default_factory=dict)
+    # Weights stored quantized (MatMulNBits, QDQ...): the runtime pre-packs those, which costs memory
+    # for float weights but makes quantized kernels fast (docs/memory.md).
+    quantized_weights: bool = False
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -121,6 +126,7 @@ class Manifest:
             onnx_file=data["onnx_file"],
             passes=[PassRecord(**record) for record in data.get("passes", [])],
             files={name: FileRecord(**record) for name, record in data.get("files", {}).items()},
+            quantized_weights=data.get("quantized_weights", False),
             format=data.get("format", FORMAT),
             format_version=data.get("format_version", FORMAT_VERSION),
         )

@@ -34,7 +34,9 @@ class CausalLM:
         self.manifest: Manifest = read_manifest(self.folder)
         config = session_config or SessionConfig()
         if config.prepacking is None:
-            quantized = any(record.name.startswith("quantize") for record in self.manifest.passes)
+            # bundles written before the manifest field existed say it through their pass names
+            quantized = self.manifest.quantized_weights or any(
+                record.name.startswith("quantize") for record in self.manifest.passes)
             config = replace(config, prepacking=quantized)
         started = time.perf_counter()
         self.session = create_session(self.folder / self.manifest.onnx_file, config)
