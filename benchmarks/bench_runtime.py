@@ -43,13 +43,14 @@ def child(spec: dict) -> dict:
     from runtime.session import SessionConfig
     from runtime.validate import prompt_ids
 
-    started = time.perf_counter()
-    lm = load(spec["bundle"], SessionConfig(**spec["session"]))
-    load_seconds = time.perf_counter() - started
-    after_load = proc_status()
+    release = spec.get("release_encoder", True)  # as `koedge run`: encode, drop the encoder, then the session
+    lm = load(spec["bundle"], SessionConfig(**spec["session"]), open_session=not release)
     ids = prompt_ids(lm, spec["prompt_tokens"])
-    if spec.get("release_encoder", True):
+    if release:
         lm.release_encoder()
+        lm.open_session()
+    load_seconds = lm.load_seconds  # tokenizer + session, as koedge run and validate report it
+    after_load = proc_status()
     generator = Generator(lm, io_binding=spec["io_binding"], prefill_chunk=spec.get("prefill_chunk", "auto"))
     result = generator.generate(ids, SamplingConfig(max_new_tokens=spec["new_tokens"], stop_at_eos=False))
     end = proc_status()

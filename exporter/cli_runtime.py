@@ -44,12 +44,17 @@ def _sampling(args: argparse.Namespace, stop_token_ids: list[int] | None = None)
     return config
 
 
-def _open(args: argparse.Namespace):
-    from runtime.generate import Generator, load
+def _open(args: argparse.Namespace, open_session: bool = True):
+    from runtime.generate import load
     from runtime.session import SessionConfig
 
-    lm = load(args.bundle, SessionConfig(threads=args.threads))
-    return lm, Generator(lm, io_binding=not args.no_io_binding, prefill_chunk=args.prefill_chunk)
+    return load(args.bundle, SessionConfig(threads=args.threads), open_session=open_session)
+
+
+def _generator(lm, args: argparse.Namespace):
+    from runtime.generate import Generator
+
+    return Generator(lm, io_binding=not args.no_io_binding, prefill_chunk=args.prefill_chunk)
 
 
 def _timing(result, verbose: bool) -> str:
@@ -72,17 +77,19 @@ def _print(text: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from runtime.generate import end_of_turn_ids, render_chat
 
-    lm, generator = _open(args)
+    lm = _open(args, open_session=False)
     if args.chat:
         ids = render_chat(lm, [{"role": "user", "content": args.prompt}])
         config = _sampling(args, end_of_turn_ids(lm))
     else:
         ids = lm.encode(args.prompt)
         config = _sampling(args)
+    lm.release_encoder()  # one prompt: the encoder goes before the weights come in (a lower peak)
+    lm.open_session()
+    generator = _generator(lm, args)
     generator.check_prompt(ids)
     if not args.chat:
         _print(args.prompt)
-    lm.release_encoder()  # one prompt: the encoder's memory is not needed any more
     result = generator.generate(ids, config, on_text=_print)
     _print("\n")
     print(_timing(result, args.verbose), file=sys.stderr)
@@ -92,7 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from runtime.generate import chat_template, end_of_turn_ids, render_chat
 
-    lm, generator = _open(args)
+    lm = _open(args)
+    generator = _generator(lm, args)
     templated = chat_template(lm) is not None
     config = _sampling(args, end_of_turn_ids(lm) if templated else [])
     if templated:

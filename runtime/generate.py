@@ -183,11 +183,14 @@ class Generator:
         return logits
 
 
-def load(folder: str | Path, session_config: SessionConfig | None = None) -> CausalLM:
-    """Open a bundle; `load_seconds` covers the whole load (session and tokenizer)."""
+def load(folder: str | Path, session_config: SessionConfig | None = None, open_session: bool = True) -> CausalLM:
+    """Open a bundle; `load_seconds` covers the whole load (tokenizer and session, also when the session
+    is opened later with `lm.open_session()`)."""
     started = time.perf_counter()
-    lm = CausalLM(folder, session_config)
+    lm = CausalLM(folder, session_config, open_session=False)
     lm.load_seconds = time.perf_counter() - started
+    if open_session:
+        lm.open_session()
     return lm
 
 

@@ -106,7 +106,7 @@ def predict_budget(manifest: Manifest, prompt_tokens: int, new_tokens: int,
     a prefill's logits ([rows, vocab] float32) dominate activations for big vocabularies: measured on gemma-3-270m
     the transient peak is about 1.3x their size (docs/memory.md). Hidden states ([rows, hidden] a
     dozen times) and attention scores ([heads, rows, context]) come next. The KV cache is held twice
-    at a step boundary (past in, present out).
+    at a step boundary (past in, present out) unless the graph takes one buffer for both.
     """
     info = manifest.model
     rows = min(prompt_tokens, prefill_chunk_for(manifest, prefill_chunk) or prompt_tokens)
@@ -114,4 +114,5 @@ def predict_budget(manifest: Manifest, prompt_tokens: int, new_tokens: int,
     hidden = rows * info.hidden_size * 4 * 16
     attention = rows * prompt_tokens * info.num_attention_heads * 4 * 2
     kv = kv_cache_bytes(manifest, prompt_tokens + new_tokens)
-    return Budget(weights=manifest.weight_bytes(), kv_cache=2 * kv, activations=logits + hidden + attention)
+    copies = 1 if manifest.io.kv_shared_buffer else 2  # in place: one buffer is past and present
+    return Budget(weights=manifest.weight_bytes(), kv_cache=copies * kv, activations=logits + hidden + attention)

@@ -29,7 +29,9 @@ class StepOutput:
 class CausalLM:
     """One bundle, ready to run."""
 
-    def __init__(self, folder: str | Path, session_config: SessionConfig | None = None):
+    def __init__(self, folder: str | Path, session_config: SessionConfig | None = None, open_session: bool = True):
+        """`open_session=False` defers the onnxruntime session to `open_session()`: a one-prompt run encodes
+        its prompt and drops the encoder first, so the full tokenizer and the weights never share the peak."""
         self.folder = Path(folder)
         self.manifest: Manifest = read_manifest(self.folder)
         config = session_config or SessionConfig()
@@ -38,14 +40,24 @@ class CausalLM:
             quantized = self.manifest.quantized_weights or any(
                 record.name.startswith("quantize") for record in self.manifest.passes)
             config = replace(config, prepacking=quantized)
-        started = time.perf_counter()
-        self.session = create_session(self.folder / self.manifest.onnx_file, config)
-        self.load_seconds = time.perf_counter() - started
-        self._check_contract()
+        self._session_config = config
+        self.session = None
+        self.load_seconds = 0.0
         tokenizer_file = self.folder / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise KoedgeError(f"bundle {self.folder} has no tokenizer.json")
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        if open_session:
+            self.open_session()
+
+    def open_session(self) -> None:
+        """Create the onnxruntime session (once) and check the manifest against the graph."""
+        if self.session is not None:
+            return
+        started = time.perf_counter()
+        self.session = create_session(self.folder / self.manifest.onnx_file, self._session_config)
+        self.load_seconds += time.perf_counter() - started
+        self._check_contract()
 
     # --- contract -------------------------------------------------------------------------
     def _check_contract(self) -> None:

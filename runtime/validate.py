@@ -380,10 +380,11 @@ def child_main(argv: list[str]) -> int:
     from runtime.session import SessionConfig
 
     _emit("start")
-    lm = load(args.bundle, SessionConfig(threads=args.threads))
-    _emit("loaded", load_seconds=lm.load_seconds)
+    lm = load(args.bundle, SessionConfig(threads=args.threads), open_session=False)
     ids = prompt_ids(lm, args.prompt_tokens)
-    lm.release_encoder()  # as `koedge run`: the encoder is not needed after the prompt
+    lm.release_encoder()  # as `koedge run`: the encoder goes before the weights come in
+    lm.open_session()
+    _emit("loaded", load_seconds=lm.load_seconds)
     chunk = args.prefill_chunk if args.prefill_chunk == "auto" else int(args.prefill_chunk)
     generator = Generator(lm, prefill_chunk=chunk)
     first = []
