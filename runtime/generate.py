@@ -16,7 +16,7 @@ import numpy as np
 
 from runtime.errors import KoedgeError
 from runtime.kvcache import BoundCache, NumpyCache
-from runtime.memory import prefill_chunk_for
+from runtime.memory import prefill_chunk_for, prefill_heap
 from runtime.model import CausalLM
 from runtime.session import SessionConfig
 from runtime.stream import TextStream
@@ -178,7 +178,8 @@ class Generator:
         if not shared:
             self.cache.reset()
             self.cached = []
-        logits = self.cache.run(np.array([prompt[shared:]]), chunk=self.prefill_chunk)
+        with prefill_heap():
+            logits = self.cache.run(np.array([prompt[shared:]]), chunk=self.prefill_chunk)
         self.cached = list(prompt)
         return logits
 

@@ -11,12 +11,16 @@ is copied or allocated per step; the buffer grows (doubling, one copy) only if a
 Ping-pong otherwise. The Optimum graphs compute
 `present = Concat(past, new)` along the sequence axis, so each step's present is a *new* tensor one
 position longer than its past. A bound output must have exactly the output's shape, and binding a
-past and a present onto the same preallocated buffer would alias a Concat's input and output
-(undefined in onnxruntime). So each step binds the previous step's present OrtValues as its past
-inputs and lets onnxruntime allocate the new presents; the old ones are freed when dropped. The
-cache never goes through numpy. Only logits come back, written straight into a numpy buffer we
-bind (no copy): the last position's only, where the bundle has the exporter's `logits_to_keep` input,
-else every position's, of which a prefill keeps the last row.
+past and a present onto the same buffer would alias a Concat's input and output (undefined in
+onnxruntime). So each layer and kind gets two preallocated slabs, sized like the in-place buffers;
+a step reads its past as a contiguous [batch, heads, length, head_dim] tensor at the start of one slab
+and has onnxruntime write the present, one position longer, at the start of the other; the next step
+swaps them. Nothing is allocated per step: letting onnxruntime allocate every present instead (the
+first version) fragments glibc's heap — a few MiB freed and asked again one position larger, 48
+times a step — and cost the polyglot-ko-1.3b shape twin INT4 ~1 GiB of resident memory at 512 + 256
+tokens (docs/memory.md). The cache never goes through numpy. Only logits come back, written straight
+into a numpy buffer we bind (no copy): the last position's only, where the bundle has the exporter's
+`logits_to_keep` input, else every position's, of which a prefill keeps the last row.
 
 Sliding-window models (gemma3_text, exaone4) keep the full KV in these graphs; the window is
 applied by the mask the graph builds from `attention_mask` and positions, so nothing is trimmed here.
@@ -49,36 +53,51 @@ class BoundCache:
         self.binding = lm.session.io_binding()
         self.in_place = lm.manifest.io.kv_shared_buffer
         self.length = 0
-        self._past: list[ort.OrtValue] = []
-        self._buffers: list[np.ndarray] = []  # in place: what the OrtValues point into
+        self._past: list[ort.OrtValue] = []  # in place: one OrtValue per buffer, bound as past and present
+        self._buffers: list[np.ndarray] = []  # in place: [batch, heads, capacity, head_dim] per name
+        self._slabs: list[list[np.ndarray]] = [[], []]  # ping-pong: two flat slabs per name
+        self._side = 0  # ping-pong: the slab set that holds the past
         self.reset()
 
     def reset(self) -> None:
-        """Forget the sequence: the past becomes empty tensors again (in place: the buffers stay)."""
+        """Forget the sequence (the buffers stay allocated)."""
         self.length = 0
-        if self.in_place and self._buffers:
-            return
-        info = self.lm.manifest.model
-        empty = np.zeros((self.batch, info.num_kv_heads, 0, info.head_dim), self.lm.kv_dtype())
-        self._past = [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
-        self._empty = empty  # the OrtValues above point into this array
+        self._side = 0
 
     @property
     def capacity(self) -> int:
-        return self._buffers[0].shape[2] if self._buffers else 0
+        """Positions the preallocated buffers hold."""
+        if self.in_place:
+            return self._buffers[0].shape[2] if self._buffers else 0
+        return self._slabs[0][0].size // self._position_size if self._slabs[0] else 0
+
+    @property
+    def _position_size(self) -> int:
+        info = self.lm.manifest.model
+        return self.batch * info.num_kv_heads * info.head_dim
+
+    def _shape(self, tokens: int) -> tuple[int, int, int, int]:
+        info = self.lm.manifest.model
+        return self.batch, info.num_kv_heads, tokens, info.head_dim
 
     def reserve(self, tokens: int) -> None:
-        """In place: make the buffers hold `tokens` positions (keeping the cached ones). Else nothing to do."""
-        if not self.in_place or tokens <= self.capacity:
+        """Make the buffers hold `tokens` positions, keeping the cached ones (one copy when they grow)."""
+        if tokens <= self.capacity:
             return
-        info = self.lm.manifest.model
         tokens = min(tokens, self.max_length)
-        shape = (self.batch, info.num_kv_heads, tokens, info.head_dim)
-        buffers = [np.zeros(shape, self.lm.kv_dtype()) for _ in self.past_names]
-        for new, old in zip(buffers, self._buffers):
-            new[:, :, :self.length] = old[:, :, :self.length]
-        self._buffers = buffers
-        self._past = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in buffers]
+        dtype = self.lm.kv_dtype()
+        if self.in_place:
+            buffers = [np.zeros(self._shape(tokens), dtype) for _ in self.past_names]
+            for new, old in zip(buffers, self._buffers):
+                new[:, :, :self.length] = old[:, :, :self.length]
+            self._buffers = buffers
+            self._past = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in buffers]
+            return
+        used = self.length * self._position_size  # the past lies contiguous at the start of its slab
+        slabs = [[np.zeros(tokens * self._position_size, dtype) for _ in self.past_names] for _ in range(2)]
+        for new, old in zip(slabs[self._side], self._slabs[self._side]):
+            new[:used] = old[:used]
+        self._slabs = slabs
 
     @property
     def max_length(self) -> int:
@@ -97,7 +116,7 @@ class BoundCache:
             raise KoedgeError(f"expected input ids of shape [{self.batch}, n>0], got {list(ids.shape)}")
         if self.length + ids.shape[1] > self.max_length:
             raise KoedgeError(f"{self.length + ids.shape[1]} tokens exceed the model's context of {self.max_length}")
-        if self.in_place and self.length + ids.shape[1] > self.capacity:
+        if self.length + ids.shape[1] > self.capacity:
             self.reserve(max(self.length + ids.shape[1], 2 * self.capacity, 256))
         step = chunk or ids.shape[1]
         for start in range(0, ids.shape[1], step):
@@ -114,21 +133,23 @@ class BoundCache:
         keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for value in feeds.values()]
         for name, value in zip(feeds, keep):
             binding.bind_ortvalue_input(name, value)
-        for name, value in zip(self.past_names, self._past):
-            binding.bind_ortvalue_input(name, value)
         logits = np.empty((self.batch, rows, self.vocab), self.logits_dtype)
         binding.bind_output(self.io.logits, "cpu", 0, self.logits_dtype, list(logits.shape), logits.ctypes.data)
         if self.in_place:  # the same buffer in and out: the kernel appends in place
+            for name, value in zip(self.past_names, self._past):
+                binding.bind_ortvalue_input(name, value)
             for name, value in zip(self.present_names, self._past):
                 binding.bind_ortvalue_output(name, value)
-            self.lm.session.run_with_iobinding(binding)
-        else:
-            for name in self.present_names:
-                binding.bind_output(name, "cpu")
-            self.lm.session.run_with_iobinding(binding)
-            outputs = binding.get_outputs()  # logits first, then presents, in bind order
-            self._past = list(outputs[1:])
-        binding.clear_binding_inputs()  # drop references to the old past so it can be freed
+        else:  # past from one slab, present into the other
+            dtype = self.lm.kv_dtype()
+            past_shape, present_shape = list(self._shape(self.length)), list(self._shape(self.length + seq))
+            for name, slab in zip(self.past_names, self._slabs[self._side]):
+                binding.bind_input(name, "cpu", 0, dtype, past_shape, slab.ctypes.data)
+            for name, slab in zip(self.present_names, self._slabs[1 - self._side]):
+                binding.bind_output(name, "cpu", 0, dtype, present_shape, slab.ctypes.data)
+        self.lm.session.run_with_iobinding(binding)
+        if not self.in_place:
+            self._side = 1 - self._side
         self.length += seq
         return logits[:, -1, :].copy() if rows > 1 else logits[:, 0, :]
 
@@ -136,7 +157,7 @@ class BoundCache:
         """Bytes the cache holds now (one past or present set; in place: the whole preallocated buffers)."""
         if self.in_place:
             return sum(buffer.nbytes for buffer in self._buffers)
-        return sum(value.tensor_size_in_bytes() for value in self._past) if self.length else 0
+        return len(self.past_names) * self.length * self._position_size * np.dtype(self.lm.kv_dtype()).itemsize
 
 
 class NumpyCache:

@@ -5,9 +5,14 @@ Linux only for the /proc readings (they return None elsewhere); no third-party i
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import platform
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from runtime.bundle import Manifest
 from runtime.errors import KoedgeError
@@ -28,6 +33,43 @@ def parse_size(text: str) -> int:
 
 def format_size(n: int | float | None) -> str:
     return "-" if n is None else f"{n / MIB:,.0f} MiB"
+
+
+# glibc mallopt parameter and its 64-bit ceiling of the dynamic threshold
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 * MIB
+
+
+@contextmanager
+def prefill_heap(threshold: int = 64 * 2**10) -> Iterator[None]:
+    """While a prefill runs, let glibc serve every allocation over `threshold` with its own mmap.
+
+    A prefill's temporaries (attention scores, FFN activations: MiBs each, per layer and chunk) are
+    freed and asked again in slightly other sizes; on glibc's heap they fragment, and the heap is not
+    given back. Measured on the polyglot-ko-1.3b shape twin INT4 at 512 prompt tokens: peak RSS
+    2,664 MiB with the default allocator, 1,561 MiB with this (docs/memory.md). Afterwards the
+    threshold is set to glibc's ceiling (decode steps allocate little, and heap reuse is faster than
+    fresh pages) and the freed heap is trimmed. Process-wide, so a no-op unless the C library is glibc.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        libc.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def proc_status(pid: int | str = "self") -> dict[str, int]:

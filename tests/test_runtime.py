@@ -60,6 +60,22 @@ def test_bound_cache_equals_numpy_path(arch, tiny_bundles):
     assert Generator(lm).generate(ids, config).tokens == Generator(lm, io_binding=False).generate(ids, config).tokens
 
 
+def test_ping_pong_slabs_grow_and_keep_the_cache(tiny_bundles):
+    """The two preallocated slabs per layer grow (one copy) when a sequence outgrows them."""
+    lm = load(tiny_bundles["llama"])
+    ids = lm.encode(KOREAN_PROMPT)
+    bound, plain = BoundCache(lm), NumpyCache(lm)
+    bound.reserve(len(ids) + 3)
+    assert bound.capacity == len(ids) + 3
+    np.testing.assert_array_equal(bound.run(ids), plain.run(ids))
+    for token in range(10, 22):  # past the reserved capacity, across the swap of the slabs
+        np.testing.assert_array_equal(bound.run([token]), plain.run([token]))
+    assert bound.capacity >= 2 * (len(ids) + 3) and bound.length == len(ids) + 12
+    bound.reset()
+    plain.reset()
+    np.testing.assert_array_equal(bound.run(ids[:5]), plain.run(ids[:5]))
+
+
 def test_chunked_prefill_gives_the_same_logits(tiny_bundles):
     lm = load(tiny_bundles["gemma3_text"])
     ids = lm.encode(KOREAN_PROMPT)
