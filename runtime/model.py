@@ -135,7 +135,7 @@ class CausalLM:
         """Keep only the decoding half of the tokenizer once the prompt is encoded.
 
         Added for `koedge run` / `validate`: a 262k-piece Unigram tokenizer holds ~220 MiB, a fifth
-        of gemma-3-270m's weights; its decoding twin ~60 MiB. `encode` raises afterwards.
+        of gemma-3-270m's weights; its decoding half ~10 MiB. `encode` raises afterwards.
         """
         from runtime.stream import DecodeOnlyTokenizer, release_heap
 

@@ -175,8 +175,12 @@ def test_release_encoder_keeps_decoding_identical(tiny_bundles):
     lm = load(tiny_bundles["gemma3_text"])
     ids = lm.encode(UNSEEN_KOREAN + " </s> <s>")
     before = [lm.decode(ids), lm.tokenizer.decode(ids, skip_special_tokens=False)]
+    pieces = [lm.tokenizer.id_to_token(index) for index in ids]
+    specials = [lm.tokenizer.token_to_id(token) for token in ("</s>", "<s>", pieces[3])]
     lm.release_encoder()
     assert [lm.decode(ids), lm.tokenizer.decode(ids, skip_special_tokens=False)] == before
+    assert [lm.tokenizer.id_to_token(index) for index in ids] == pieces
+    assert [lm.tokenizer.token_to_id(token) for token in ("</s>", "<s>", pieces[3])] == specials
     with pytest.raises(KoedgeError, match="released"):
         lm.encode("안녕")
 
