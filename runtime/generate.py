@@ -129,7 +129,7 @@ class Generator:
         sampler = Sampler(config)
         eos = self.eos | set(config.stop_token_ids) if config.stop_at_eos else set()
         stream = TextStream(self.lm.decode, stop=config.stop, context=prompt[-4:])
-        if isinstance(self.cache, BoundCache):  # an in-place cache is allocated once for the whole run
+        if isinstance(self.cache, BoundCache):  # its buffers are allocated once for the whole run
             self.cache.reserve(len(prompt) + config.max_new_tokens)
         started = time.perf_counter()
         logits = self._prefill(prompt)

@@ -52,6 +52,7 @@ class BoundCache:
         self.vocab = last if isinstance(last, int) else lm.manifest.model.vocab_size
         self.binding = lm.session.io_binding()
         self.in_place = lm.manifest.io.kv_shared_buffer
+        self.kv_dtype = lm.kv_dtype()
         self.length = 0
         self._past: list[ort.OrtValue] = []  # in place: one OrtValue per buffer, bound as past and present
         self._buffers: list[np.ndarray] = []  # in place: [batch, heads, capacity, head_dim] per name
@@ -85,16 +86,15 @@ class BoundCache:
         if tokens <= self.capacity:
             return
         tokens = min(tokens, self.max_length)
-        dtype = self.lm.kv_dtype()
         if self.in_place:
-            buffers = [np.zeros(self._shape(tokens), dtype) for _ in self.past_names]
+            buffers = [np.zeros(self._shape(tokens), self.kv_dtype) for _ in self.past_names]
             for new, old in zip(buffers, self._buffers):
                 new[:, :, :self.length] = old[:, :, :self.length]
             self._buffers = buffers
             self._past = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in buffers]
             return
         used = self.length * self._position_size  # the past lies contiguous at the start of its slab
-        slabs = [[np.zeros(tokens * self._position_size, dtype) for _ in self.past_names] for _ in range(2)]
+        slabs = [[np.zeros(tokens * self._position_size, self.kv_dtype) for _ in self.past_names] for _ in range(2)]
         for new, old in zip(slabs[self._side], self._slabs[self._side]):
             new[:used] = old[:used]
         self._slabs = slabs
@@ -141,12 +141,11 @@ class BoundCache:
             for name, value in zip(self.present_names, self._past):
                 binding.bind_ortvalue_output(name, value)
         else:  # past from one slab, present into the other
-            dtype = self.lm.kv_dtype()
             past_shape, present_shape = list(self._shape(self.length)), list(self._shape(self.length + seq))
             for name, slab in zip(self.past_names, self._slabs[self._side]):
-                binding.bind_input(name, "cpu", 0, dtype, past_shape, slab.ctypes.data)
+                binding.bind_input(name, "cpu", 0, self.kv_dtype, past_shape, slab.ctypes.data)
             for name, slab in zip(self.present_names, self._slabs[1 - self._side]):
-                binding.bind_output(name, "cpu", 0, dtype, present_shape, slab.ctypes.data)
+                binding.bind_output(name, "cpu", 0, self.kv_dtype, present_shape, slab.ctypes.data)
         self.lm.session.run_with_iobinding(binding)
         if not self.in_place:
             self._side = 1 - self._side
@@ -157,7 +156,7 @@ class BoundCache:
         """Bytes the cache holds now (one past or present set; in place: the whole preallocated buffers)."""
         if self.in_place:
             return sum(buffer.nbytes for buffer in self._buffers)
-        return len(self.past_names) * self.length * self._position_size * np.dtype(self.lm.kv_dtype()).itemsize
+        return len(self.past_names) * self.length * self._position_size * self.kv_dtype.itemsize
 
 
 class NumpyCache:

@@ -60,6 +60,13 @@ def prefill_heap(threshold: int = 64 * 2**10) -> Iterator[None]:
         yield
     finally:
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        release_heap()
+
+
+def release_heap() -> None:
+    """Give freed heap back to the system (glibc keeps it otherwise); a no-op elsewhere."""
+    libc = _glibc()
+    if libc is not None:
         libc.malloc_trim(0)
 
 

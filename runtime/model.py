@@ -137,7 +137,8 @@ class CausalLM:
         Added for `koedge run` / `validate`: a 262k-piece Unigram tokenizer holds ~220 MiB, a fifth
         of gemma-3-270m's weights; its decoding half ~10 MiB. `encode` raises afterwards.
         """
-        from runtime.stream import DecodeOnlyTokenizer, release_heap
+        from runtime.memory import release_heap
+        from runtime.stream import DecodeOnlyTokenizer
 
         if not isinstance(self.tokenizer, DecodeOnlyTokenizer):
             self.tokenizer = DecodeOnlyTokenizer(self.tokenizer)

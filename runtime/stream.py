@@ -125,20 +125,8 @@ class DecodeOnlyTokenizer:
     def token_to_id(self, token: str) -> int | None:
         if token in self._added:
             return self._added[token]
-        needle = token.encode("utf-8")
-        starts = np.flatnonzero(np.diff(self._offsets) == len(needle))
+        starts = np.flatnonzero(np.diff(self._offsets) == len(token.encode("utf-8")))
         return next((int(index) for index in starts if self.id_to_token(int(index)) == token), None)
 
     def encode(self, *args, **kwargs):
         raise KoedgeError("this runner released its tokenizer's encoder to save memory; load the bundle again")
-
-
-def release_heap() -> None:
-    """Give freed heap back to the system (glibc keeps it otherwise); a no-op elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
