@@ -193,7 +193,7 @@ def build_recipe(recipe: str, args: argparse.Namespace) -> Path:
 
 
 def build(name: str, args: argparse.Namespace) -> None:
-    from exporter.sources import resolve_model
+    from exporter.export.sources import resolve_model
 
     checkpoint = Path(resolve_model(args.model, progress=progress).path)
     out, work = Path(args.out) / name, Path(args.work)

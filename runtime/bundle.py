@@ -31,7 +31,7 @@ class TensorSpec:
     shape: list[str | int]
 
 
-LOGITS_TO_KEEP = "logits_to_keep"  # the exporter's optional input (exporter/graph_edits.py)
+LOGITS_TO_KEEP = "logits_to_keep"  # the exporter's optional input (exporter/export/graph_edits.py)
 
 
 @dataclass

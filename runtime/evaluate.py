@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 from runtime.data import load_texts
 from runtime.errors import KoedgeError
 from runtime.model import CausalLM
+from runtime.scoring import TaskResult, log_softmax, progress_bar, start_token
 
 BYTES_PER_TOKEN = 3.5  # passage budget per token: gemma-3 averages 3.8 bytes/token on this Korean text
 ROWS_PER_CHUNK = 32  # log-softmax rows at a time (32 x 262k x 4 B = 34 MB)
@@ -34,19 +34,6 @@ class EvalConfig:
     window: int = 256  # sliding window for texts longer than this (stride = window // 2)
     tasks: tuple[str, ...] = ()  # task names from runtime.tasks (nsmc, klue-nli)
     task_samples: int = 200  # examples per task (balanced over labels)
-
-
-@dataclass
-class TaskResult:
-    name: str
-    correct: int
-    total: int
-    accuracy: float
-    ci_low: float  # 95% Wilson interval
-    ci_high: float
-    chance: float
-    seconds: float
-    note: str = ""
 
 
 @dataclass
@@ -105,14 +92,6 @@ def eval_texts(config: EvalConfig) -> list[str]:
 
 
 # --- numerics --------------------------------------------------------------------------------
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Rows of float32 log-probabilities (the input is not modified)."""
-    rows = logits.astype(np.float32, copy=True)
-    rows -= rows.max(axis=-1, keepdims=True)
-    rows -= np.log(np.exp(rows).sum(axis=-1, keepdims=True))
-    return rows
-
-
 def kl_rows(ref_logprobs: np.ndarray, cand_logprobs: np.ndarray) -> np.ndarray:
     """KL(ref || cand) per row, in nats."""
     return np.sum(np.exp(ref_logprobs) * (ref_logprobs - cand_logprobs), axis=-1, dtype=np.float64)
@@ -190,48 +169,7 @@ def renormalize(logprobs: np.ndarray, index: np.ndarray) -> np.ndarray:
     return log_softmax(logprobs[:, index])
 
 
-# --- progress --------------------------------------------------------------------------------
-class _PlainProgress:
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.done = total, desc, 0
-        self.every = max(1, total // 10)
-
-    def update(self, count: int = 1) -> None:
-        self.done += count
-        if self.done % self.every == 0 or self.done == self.total:
-            print(f"{self.desc}: {self.done}/{self.total}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-class _NoProgress(_PlainProgress):
-    def update(self, count: int = 1) -> None:
-        pass
-
-
-def progress_bar(total: int, desc: str, enabled: bool = True):
-    """tqdm on stderr when installed (it is not a runtime dependency), else a plain counter."""
-    if not enabled:
-        return _NoProgress(total, desc)
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _PlainProgress(total, desc)
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
-
-
 # --- evaluation ------------------------------------------------------------------------------
-def start_token(model: CausalLM) -> int:
-    """BOS, or the end-of-text token for models without one, so every text token is predicted."""
-    tokens = model.manifest.tokens
-    if tokens.bos_token_id is not None:
-        return tokens.bos_token_id
-    if tokens.eos_token_ids:
-        return tokens.eos_token_ids[0]
-    raise KoedgeError(f"bundle {model.folder} has neither a BOS nor an EOS token to start a passage")
-
-
 @dataclass
 class _Encoded:
     """One passage as both models tokenize it; KL is defined on positions whose context matches."""

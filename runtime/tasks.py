@@ -17,7 +17,7 @@ import numpy as np
 
 from runtime.data import data_root, nsmc_rows, split_of
 from runtime.errors import KoedgeError
-from runtime.evaluate import TaskResult, log_softmax, progress_bar, start_token
+from runtime.scoring import TaskResult, log_softmax, progress_bar, start_token
 from runtime.model import CausalLM
 
 

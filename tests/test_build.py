@@ -43,7 +43,7 @@ def cache(tmp_path, monkeypatch):
 
 @requires_data
 def test_build_caches_each_pass(tiny_checkpoints, cache, tmp_path):
-    from exporter.build import format_summary, run_recipe
+    from exporter.build.engine import format_summary, run_recipe
 
     out = tmp_path / "out"
     quiet = lambda message: None  # noqa: E731
@@ -75,7 +75,7 @@ def test_build_caches_each_pass(tiny_checkpoints, cache, tmp_path):
 
 
 def test_unknown_option_is_refused_before_work(tiny_checkpoints, cache, tmp_path):
-    from exporter.build import run_recipe
+    from exporter.build.engine import run_recipe
 
     recipe = parse_recipe('[[passes]]\npass = "export"\ndtipe = "fp16"\n', "typo")
     with pytest.raises(KoedgeError, match="unknown option\\(s\\) dtipe"):

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from exporter.calibration import CalibrationConfig, KVCacheReader, build_sequences
+from exporter.quantize.calibration import CalibrationConfig, KVCacheReader, build_sequences
 from runtime.errors import KoedgeError
 from runtime.model import CausalLM
 from conftest import requires_data

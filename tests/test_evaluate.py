@@ -202,8 +202,8 @@ def test_kl_stops_where_tokenizations_part(uniform, tilted):
 @pytest.fixture(scope="module")
 def perturbed_llama(tmp_path_factory) -> Path:
     """The tiny llama with another seed: same tokenizer and shapes, different weights."""
-    from exporter.export import export_model
-    from exporter.sources import resolve_model
+    from exporter.export.convert import export_model
+    from exporter.export.sources import resolve_model
     from tiny_models import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("perturbed")

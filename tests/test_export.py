@@ -112,7 +112,7 @@ def test_bad_model_names_give_one_line(model, message, tmp_path):
 
 
 def test_folder_without_config_is_rejected(tmp_path):
-    from exporter.sources import resolve_model
+    from exporter.export.sources import resolve_model
 
     with pytest.raises(KoedgeError, match="no config.json"):
         resolve_model(str(tmp_path))
@@ -131,8 +131,8 @@ def test_unsupported_architecture_is_rejected(tmp_path):
 
 def test_failed_export_leaves_no_half_bundle(tiny_checkpoints, tmp_path):
     """A parity failure (tolerance 0) happens after files are written: nothing may remain."""
-    from exporter.export import ExportConfig, export_model
-    from exporter.sources import resolve_model
+    from exporter.export.convert import ExportConfig, export_model
+    from exporter.export.sources import resolve_model
 
     out = tmp_path / "bundle"
     with pytest.raises(KoedgeError, match="parity check failed"):
@@ -152,8 +152,8 @@ def test_overwrite_replaces_a_bundle(tiny_checkpoints, tmp_path):
 
 
 def test_fp16_export(tiny_checkpoints, tmp_path):
-    from exporter.export import ExportConfig, export_model
-    from exporter.sources import resolve_model
+    from exporter.export.convert import ExportConfig, export_model
+    from exporter.export.sources import resolve_model
 
     result = export_model(resolve_model(str(tiny_checkpoints["llama"])), tmp_path / "fp16", ExportConfig(dtype="fp16"),
                           progress=lambda message: None)
@@ -191,8 +191,8 @@ def test_llama_tied_through_transpose_is_shared(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from exporter.export import export_model
-    from exporter.sources import resolve_model
+    from exporter.export.convert import export_model
+    from exporter.export.sources import resolve_model
     from tiny_models import tiny_config, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()

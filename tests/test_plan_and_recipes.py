@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from exporter.plan import GIB, parse_size, plan, shape_from_config
+from exporter.build.plan import GIB, parse_size, plan, shape_from_config
 from exporter.recipes import parse_recipe
 from runtime.errors import KoedgeError
 
@@ -15,7 +15,7 @@ LLAMA_3B = dict(model_type="llama", hidden_size=3072, num_hidden_layers=28, num_
 
 
 def test_parameter_count_matches_the_real_models():
-    from exporter.sources import POLYGLOT_KO_1_3B_CONFIG
+    from exporter.export.sources import POLYGLOT_KO_1_3B_CONFIG
 
     shape = shape_from_config("pko", {**POLYGLOT_KO_1_3B_CONFIG, "model_type": "gpt_neox"})
     assert shape.parameters == 1_331_810_304  # polyglot-ko-1.3b's published count
@@ -23,7 +23,7 @@ def test_parameter_count_matches_the_real_models():
 
 @pytest.mark.parametrize("name, parameters", [("gemma-3-270m", 268_098_176), ("smollm2-135m", 134_515_008)])
 def test_parameter_count_of_packaged_models(name, parameters):
-    from exporter.sources import cache_root
+    from exporter.export.sources import cache_root
 
     config = cache_root() / "models" / name / "config.json"
     if not config.is_file():

@@ -68,7 +68,7 @@ TOKENIZERS = {"unigram-byte-fallback": lambda: gemma_like_tokenizer("unigram"),
 def prune_tokenizer(data: dict, corpus: list[str], **config):
     from tokenizers import Tokenizer
 
-    from exporter.prune_vocab import VocabConfig, choose_tokens, count_tokens, rewrite_tokenizer
+    from exporter.prune.vocab import VocabConfig, choose_tokens, count_tokens, rewrite_tokenizer
 
     original = Tokenizer.from_str(json.dumps(data))
     plan = choose_tokens(data, count_tokens(original, corpus), VocabConfig(**config), special_ids=[0, 1, 2])
@@ -117,7 +117,7 @@ def test_vocab_size_fills_from_the_tokenizer_prior():
 
 
 def test_vocab_errors():
-    from exporter.prune_vocab import VocabConfig, choose_tokens
+    from exporter.prune.vocab import VocabConfig, choose_tokens
 
     data = gemma_like_tokenizer("unigram")
     with pytest.raises(KoedgeError, match="fewer tokens than must stay"):
@@ -133,7 +133,7 @@ def test_slice_embeddings_keeps_rows_and_remaps_specials(tiny_checkpoints):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from exporter.prune_vocab import VocabPlan, slice_embeddings
+    from exporter.prune.vocab import VocabPlan, slice_embeddings
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["gemma3_text"])
     original = model.get_input_embeddings().weight.detach().clone()
@@ -165,7 +165,7 @@ def _logits(model, ids=(2, 17, 40, 99, 5, 250, 33, 8, 61, 120, 7, 200, 41, 90, 3
 def test_ffn_pruning_equals_zeroing_the_channels(tiny_checkpoints, arch):
     import torch
 
-    from exporter.prune_structured import decoder_layers, ffn_parts, prune_ffn
+    from exporter.prune.structured import decoder_layers, ffn_parts, prune_ffn
 
     pruned, masked = _load(tiny_checkpoints[arch]), _load(tiny_checkpoints[arch])
     keep = list(range(0, 128, 3))
@@ -184,7 +184,7 @@ def test_ffn_pruning_equals_zeroing_the_channels(tiny_checkpoints, arch):
 def test_head_pruning_equals_zeroing_heads_and_respects_groups(tiny_checkpoints, arch):
     import torch
 
-    from exporter.prune_structured import attention_parts, decoder_layers, prune_heads
+    from exporter.prune.structured import attention_parts, decoder_layers, prune_heads
 
     pruned, masked = _load(tiny_checkpoints[arch]), _load(tiny_checkpoints[arch])
     parts = attention_parts(decoder_layers(pruned)[0])
@@ -206,8 +206,8 @@ def test_head_pruning_equals_zeroing_heads_and_respects_groups(tiny_checkpoints,
 def test_dropping_a_layer_equals_skipping_it(tiny_checkpoints, arch):
     import torch
 
-    from exporter.prune_sensitivity import _skip_layer
-    from exporter.prune_structured import decoder_layers, drop_layers
+    from exporter.prune.sensitivity import _skip_layer
+    from exporter.prune.structured import decoder_layers, drop_layers
 
     dropped, skipped = _load(tiny_checkpoints[arch]), _load(tiny_checkpoints[arch])
     drop_layers(dropped, [0])
@@ -225,7 +225,7 @@ def test_dropping_a_layer_equals_skipping_it(tiny_checkpoints, arch):
 def test_global_and_local_scope_and_iterative_rounds(tiny_checkpoints):
     import torch
 
-    from exporter.prune_structured import StructuredConfig, apply_structured, layer_shapes
+    from exporter.prune.structured import StructuredConfig, apply_structured, layer_shapes
 
     model = _load(tiny_checkpoints["llama"])
     local = apply_structured(model, StructuredConfig(ffn_ratio=0.5, head_ratio=0.5), [])
@@ -250,7 +250,7 @@ def test_global_and_local_scope_and_iterative_rounds(tiny_checkpoints):
 def test_activation_scores_use_calibration_text(tiny_checkpoints):
     import torch
 
-    from exporter.prune_structured import ffn_scores, head_scores
+    from exporter.prune.structured import ffn_scores, head_scores
 
     model = _load(tiny_checkpoints["qwen2"])
     batch = {"input_ids": torch.tensor([[2, 40, 41, 42, 43]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
@@ -261,7 +261,7 @@ def test_activation_scores_use_calibration_text(tiny_checkpoints):
 
 
 def test_structured_errors(tiny_checkpoints):
-    from exporter.prune_structured import StructuredConfig, apply_structured
+    from exporter.prune.structured import StructuredConfig, apply_structured
 
     model = _load(tiny_checkpoints["gpt_neox"])
     for config, message in ((StructuredConfig(ffn_ratio=1.0), "ffn-ratio"), (StructuredConfig(head_ratio=-0.1), "head-ratio"),
@@ -287,7 +287,7 @@ def _mha_llama(tiny_checkpoints):
 
 @pytest.mark.parametrize("scope", ["local", "global"])
 def test_magnitude_sparsity(tiny_checkpoints, scope):
-    from exporter.prune_sparsity import SparsityConfig, magnitude_prune
+    from exporter.prune.sparsity import SparsityConfig, magnitude_prune
 
     model = _load(tiny_checkpoints["llama"])
     embedding = model.get_input_embeddings().weight.detach().clone()
@@ -345,9 +345,9 @@ def test_prune_command_exports_smaller_bundle(tiny_checkpoints, corpus_file, tmp
 def test_pruning_a_pruned_checkpoint_composes_the_token_map(tiny_checkpoints, corpus_file, tmp_path):
     from safetensors.torch import load_file
 
-    from exporter.cli_prune import PruneOptions, prune_checkpoint
-    from exporter.prune_vocab import VocabConfig
-    from exporter.sources import resolve_model
+    from exporter.prune.pipeline import PruneOptions, prune_checkpoint
+    from exporter.prune.vocab import VocabConfig
+    from exporter.export.sources import resolve_model
 
     first = PruneOptions(vocab=VocabConfig(coverage=1.0, corpora=[str(corpus_file)]), eval_texts=0)
     prune_checkpoint(resolve_model(str(tiny_checkpoints["llama"])), tmp_path / "a", first)
@@ -367,9 +367,9 @@ def test_pruning_a_pruned_checkpoint_composes_the_token_map(tiny_checkpoints, co
 def test_nonuniform_checkpoint_reloads(tiny_checkpoints, tmp_path):
     import torch
 
-    from exporter.export import load_torch_model
-    from exporter.prune_structured import StructuredConfig, apply_structured, record_shapes
-    from exporter.sources import resolve_model
+    from exporter.export.convert import load_torch_model
+    from exporter.prune.structured import StructuredConfig, apply_structured, record_shapes
+    from exporter.export.sources import resolve_model
 
     model = _load(tiny_checkpoints["exaone4"])
     apply_structured(model, StructuredConfig(plan={"ffn": {"0": 0.75}, "heads": {"2": 0.5}, "drop_layers": [3]}), [])
@@ -406,7 +406,7 @@ def test_prune_refuses_bundles_and_bad_options(tiny_bundles, tiny_checkpoints, t
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
-    from exporter.cli_prune import options_from_dict
+    from exporter.prune.pipeline import options_from_dict
 
     with pytest.raises(KoedgeError, match="unknown option"):
         options_from_dict({"vocab_sizes": 1000})
@@ -416,8 +416,8 @@ def test_prune_refuses_bundles_and_bad_options(tiny_bundles, tiny_checkpoints, t
 
 @requires_data
 def test_sensitivity_report(tiny_checkpoints, tmp_path):
-    from exporter.cli_prune import PruneOptions, run_sensitivity
-    from exporter.sources import resolve_model
+    from exporter.prune.pipeline import PruneOptions, run_sensitivity
+    from exporter.export.sources import resolve_model
 
     result = run_sensitivity(resolve_model(str(tiny_checkpoints["llama"])), PruneOptions(eval_texts=6),
                              tmp_path, [0.5], threshold=1.0, progress=lambda message: None)
@@ -436,7 +436,7 @@ def test_sensitivity_report(tiny_checkpoints, tmp_path):
 def test_scorer_bits_per_byte(tiny_checkpoints):
     import torch
 
-    from exporter.prune_sensitivity import EvalSet, Scorer
+    from exporter.prune.sensitivity import EvalSet, Scorer
 
     model = _load(tiny_checkpoints["llama"])
     texts = KOREAN_LINES[:4]
@@ -462,8 +462,8 @@ def test_gemma_vocabulary_pruning(gemma_checkpoint, tmp_path):
     """Issue 6's target on gemma-3-270m: 262,144 -> 32,768 tokens, bits/byte within +1% on eval text."""
     from tokenizers import Tokenizer
 
-    from exporter.cli_prune import PruneOptions, prune_checkpoint
-    from exporter.prune_vocab import VocabConfig
+    from exporter.prune.pipeline import PruneOptions, prune_checkpoint
+    from exporter.prune.vocab import VocabConfig
 
     options = PruneOptions(vocab=VocabConfig(vocab_size=32768), eval_texts=64)
     results = prune_checkpoint(gemma_checkpoint, tmp_path / "ckpt", options, progress=lambda message: None)

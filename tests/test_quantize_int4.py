@@ -13,8 +13,8 @@ import pytest
 from onnx import helper, numpy_helper, TensorProto
 
 from conftest import requires_data
-from exporter.quantize import quantize_bundle
-from exporter.quantize_int4 import Int4Config, dequantize, quantize_weight
+from exporter.quantize.bundle import quantize_bundle
+from exporter.quantize.int4 import Int4Config, dequantize, quantize_weight
 from runtime.errors import KoedgeError
 from runtime.model import CausalLM
 
@@ -239,8 +239,8 @@ def test_tied_head_written_as_transpose_is_shared(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from exporter.export import export_model
-    from exporter.sources import resolve_model
+    from exporter.export.convert import export_model
+    from exporter.export.sources import resolve_model
     from tiny_models import tiny_config, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()

@@ -11,8 +11,8 @@ import onnx
 import pytest
 
 from conftest import requires_data
-from exporter.calibration import CalibrationConfig, build_sequences
-from exporter.quantize_int8 import (Int8StaticConfig, activation_pairs, channel_absmax, compare,
+from exporter.quantize.calibration import CalibrationConfig, build_sequences
+from exporter.quantize.int8 import (Int8StaticConfig, activation_pairs, channel_absmax, compare,
                                     holdout_reference, keep_float, quantize_int8_static, smooth_work_model,
                                     write_work_bundle)
 from runtime.bundle import read_manifest, write_manifest
@@ -180,7 +180,7 @@ def test_bad_method():
 @requires_data
 def test_gemma_int8_static_meets_targets(gemma_bundle, tmp_path):
     """The default INT8-static pass on gemma-3-270m: PPL <= +10% and same-top-1 >= 85% (issue 4's must)."""
-    from exporter.quantize import quantize_bundle
+    from exporter.quantize.bundle import quantize_bundle
     from runtime.evaluate import EvalConfig
 
     result = quantize_bundle(gemma_bundle, tmp_path / "gemma-int8", Int8StaticConfig(), progress=lambda message: None,

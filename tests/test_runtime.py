@@ -270,7 +270,7 @@ def test_gemma_greedy_equals_transformers(gemma_bundle, gemma_checkpoint):
     """64 greedy tokens on a Korean prompt and on one past the 512-token sliding window."""
     import torch
 
-    from exporter.export import load_torch_model
+    from exporter.export.convert import load_torch_model
     from runtime.validate import prompt_ids
 
     model = load_torch_model(gemma_checkpoint)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from exporter.recipes import PassSpec, Recipe
-from exporter.sources import ResolvedModel, cache_root, resolve_model
+from exporter.export.sources import ResolvedModel, cache_root, resolve_model
 from runtime.bundle import read_manifest, staged_folder
 from runtime.errors import KoedgeError
 
@@ -74,7 +74,7 @@ def _known(config: dict, allowed: type, pass_name: str) -> dict:
 # --- passes ---------------------------------------------------------------------------------------
 
 def run_export(state: BuildState, spec: PassSpec, out: Path, progress: Callable[[str], None]) -> dict:
-    from exporter.export import ExportConfig, export_model
+    from exporter.export.convert import ExportConfig, export_model
 
     config = ExportConfig(**_known(spec.config, ExportConfig, spec.name))
     source = state.model
@@ -86,15 +86,15 @@ def run_export(state: BuildState, spec: PassSpec, out: Path, progress: Callable[
 
 
 def run_quantize(state: BuildState, spec: PassSpec, out: Path, progress: Callable[[str], None]) -> dict:
-    from exporter.calibration import CalibrationConfig
-    from exporter.quantize import quantize_bundle
+    from exporter.quantize.calibration import CalibrationConfig
+    from exporter.quantize.bundle import quantize_bundle
 
     if spec.name == "quantize-int4":
-        from exporter.quantize_int4 import Int4Config
+        from exporter.quantize.int4 import Int4Config
 
         config = Int4Config(**_known(spec.config, Int4Config, spec.name))
     else:
-        from exporter.quantize_int8 import Int8StaticConfig
+        from exporter.quantize.int8 import Int8StaticConfig
 
         options = dict(spec.config)
         calibration = CalibrationConfig(**_known(options.pop("calibration", {}), CalibrationConfig, spec.name))
@@ -107,9 +107,9 @@ def run_quantize(state: BuildState, spec: PassSpec, out: Path, progress: Callabl
 
 
 def run_prune(state: BuildState, spec: PassSpec, out: Path, progress: Callable[[str], None]) -> dict:
-    from exporter.cli_prune import PruneOptions, prune_checkpoint
-    from exporter.prune_structured import StructuredConfig
-    from exporter.prune_vocab import VocabConfig
+    from exporter.prune.pipeline import PruneOptions, prune_checkpoint
+    from exporter.prune.structured import StructuredConfig
+    from exporter.prune.vocab import VocabConfig
 
     options = dict(spec.config)
     eval_texts = int(options.pop("eval_texts", 0))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from exporter.cli import progress
+from exporter.cli.common import progress
 
 
 def _int4_config(args: argparse.Namespace):
-    from exporter.quantize_int4 import Int4Config
+    from exporter.quantize.int4 import Int4Config
 
     config = Int4Config(algo=args.algo, block_size=args.block_size, symmetric=args.symmetric,
                         accuracy_level=args.accuracy_level, embedding=args.embedding,
@@ -26,7 +26,7 @@ def _int4_config(args: argparse.Namespace):
 
 
 def _int8_config(args: argparse.Namespace):
-    from exporter.quantize_int8 import Int8StaticConfig
+    from exporter.quantize.int8 import Int8StaticConfig
 
     config = Int8StaticConfig(method=args.method, accuracy_aware=not args.no_accuracy_aware)
     if args.percentile is not None:
@@ -46,7 +46,7 @@ def _int8_config(args: argparse.Namespace):
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from exporter.quantize import format_report, quantize_bundle
+    from exporter.quantize.bundle import format_report, quantize_bundle
 
     config = _int4_config(args) if args.int4 else _int8_config(args)
     eval_config = None

@@ -31,7 +31,7 @@ def decoder_linears(model) -> dict[str, object]:
     """Linear layers inside the decoder blocks (not the embedding or LM head)."""
     import torch
 
-    from exporter.prune_structured import decoder_layers
+    from exporter.prune.structured import decoder_layers
 
     return {f"{i}.{name}": module for i, layer in enumerate(decoder_layers(model))
             for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)}

@@ -8,8 +8,8 @@ from dataclasses import asdict
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from exporter.plan import format_plan, parse_size, plan, shape_from_config
-    from exporter.sources import model_config
+    from exporter.build.plan import format_plan, parse_size, plan, shape_from_config
+    from exporter.export.sources import model_config
 
     shape = shape_from_config(args.model, model_config(args.model, args.revision))
     cap = parse_size(args.mem_cap)
@@ -40,8 +40,8 @@ def add_commands(commands) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from exporter.build import format_summary, run_recipe
-    from exporter.cli import progress
+    from exporter.build.engine import format_summary, run_recipe
+    from exporter.cli.common import progress
     from exporter.recipes import load_recipe
 
     recipe = load_recipe(args.recipe)

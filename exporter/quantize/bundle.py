@@ -1,6 +1,6 @@
 """The quantize pass: an FP32 bundle in, a quantized bundle out, with what it cost in accuracy.
 
-INT4 weight-only (exporter/quantize_int4.py) or INT8 static (exporter/quantize_int8.py) writes the
+INT4 weight-only (exporter/quantize/int4.py) or INT8 static (exporter/quantize/int8.py) writes the
 new graph; this module stages the bundle, carries the tokenizer and config files over, records the
 pass in the manifest, and judges the result against the source bundle on Korean evaluation text
 (runtime.evaluate): report.json plus a readable report.md.
@@ -30,7 +30,7 @@ class QuantizeResult:
 
 
 def pass_name(method_config: Any) -> str:
-    from exporter.quantize_int4 import Int4Config
+    from exporter.quantize.int4 import Int4Config
 
     return "quantize-int4" if isinstance(method_config, Int4Config) else "quantize-int8-static"
 
@@ -50,11 +50,11 @@ def _check_source(src: Path) -> Manifest:
 
 
 def _run_method(src: Path, folder: Path, method_config: Any, progress: Callable[[str], None]) -> dict:
-    from exporter.quantize_int4 import Int4Config, quantize_int4
+    from exporter.quantize.int4 import Int4Config, quantize_int4
 
     if isinstance(method_config, Int4Config):
         return quantize_int4(src, folder, method_config, progress)
-    from exporter.quantize_int8 import quantize_int8_static
+    from exporter.quantize.int8 import quantize_int8_static
 
     return quantize_int8_static(src, folder, method_config, progress)
 

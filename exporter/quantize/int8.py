@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from exporter.calibration import CalibrationConfig, KVCacheReader, Sequence, build_sequences
+from exporter.quantize.calibration import CalibrationConfig, KVCacheReader, Sequence, build_sequences
 from runtime.bundle import read_manifest
 from runtime.errors import KoedgeError
 from runtime.model import CausalLM

@@ -469,7 +469,7 @@ def _hessian_groups(src: Path, dims: dict[str, int], config: Int4Config,
     """
     import torch
 
-    from exporter.calibration import CalibrationConfig, KVCacheReader, build_sequences
+    from exporter.quantize.calibration import CalibrationConfig, KVCacheReader, build_sequences
     from runtime.model import CausalLM
 
     groups, group, used = [], [], 0

@@ -82,7 +82,7 @@ class Scorer:
         self.layer_inputs: list[list[tuple]] = []  # per batch, per layer: (args, kwargs)
 
     def _record(self, model, batch: dict):
-        from exporter.prune_structured import decoder_layers
+        from exporter.prune.structured import decoder_layers
 
         calls: list[tuple] = []
         hooks = [layer.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args, kwargs)),
@@ -99,7 +99,7 @@ class Scorer:
         """Logits from layer `start_layer` on, fed with the recorded inputs of the reference run."""
         import torch
 
-        from exporter.prune_structured import _layers_owner
+        from exporter.prune.structured import _layers_owner
 
         owner = _layers_owner(model)
         calls = self.layer_inputs[index]
@@ -166,7 +166,7 @@ def _row(layer: int, kind: str, ratio: float, base: dict, result: dict, removed:
 def sensitivity(model, scorer: Scorer, config: SensitivityConfig, calib_batches: list,
                 progress: Callable[[str], None] = lambda message: None) -> tuple[dict, list[dict]]:
     """Prune one layer at a time (on a copy of that layer) and score; the model is left unchanged."""
-    from exporter.prune_structured import (attention_parts, decoder_layers, ffn_scores, head_scores,
+    from exporter.prune.structured import (attention_parts, decoder_layers, ffn_scores, head_scores,
                                            prune_ffn, prune_heads, _head_slots)
 
     base = scorer.score(model)
@@ -230,7 +230,7 @@ def _skip_layer(layer) -> None:
     (a Gemma-style post-norm of a zero branch is zero too), which is what dropping it computes."""
     import torch
 
-    from exporter.prune_structured import ffn_parts
+    from exporter.prune.structured import ffn_parts
 
     attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
     outputs = [ffn_parts(layer).output]

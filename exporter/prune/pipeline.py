@@ -1,4 +1,4 @@
-"""`koedge prune`: shrink the torch model (vocabulary, structure, sparsity), then export it as a bundle.
+"""The prune pass: shrink the torch model (vocabulary, structure, sparsity), then export it as a bundle.
 
 Pruning happens before export so that ONNX shapes really get smaller. The pruned checkpoint
 records what was done (`koedge-passes.json`, and `token_map.json` after vocabulary pruning); the
@@ -7,7 +7,6 @@ export copies both into the bundle, so the manifest's history starts with the pr
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
@@ -17,9 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from runtime.errors import KoedgeError
-from exporter.prune_sparsity import SparsityConfig
-from exporter.prune_structured import StructuredConfig
-from exporter.prune_vocab import VocabConfig
+from exporter.prune.sparsity import SparsityConfig
+from exporter.prune.structured import StructuredConfig
+from exporter.prune.vocab import VocabConfig
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 SKIP_FILES = ("koedge-source.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -86,7 +85,7 @@ def _special_ids(model) -> set[int]:
 
 
 def _evalset(folder: Path, split: str, count: int, bos: int | None):
-    from exporter.prune_sensitivity import EvalSet
+    from exporter.prune.sensitivity import EvalSet
     from runtime.data import load_texts
 
     return EvalSet.from_texts(folder / "tokenizer.json", load_texts("ko", split=split)[:count], bos)
@@ -94,7 +93,7 @@ def _evalset(folder: Path, split: str, count: int, bos: int | None):
 
 def _score(model, folder: Path, count: int, bos: int | None, reference=None):
     """Bits per byte (and KL against `reference`'s scorer, same tokenizer only) on eval texts."""
-    from exporter.prune_sensitivity import Scorer
+    from exporter.prune.sensitivity import Scorer
 
     vocab = model.get_input_embeddings().weight.shape[0]
     if reference is not None:
@@ -121,11 +120,11 @@ def prune_checkpoint(resolved, out: Path, options: PruneOptions,
     The folder holds the weights, config, tokenizer, `koedge-passes.json` (this pass) and, after
     vocabulary pruning, `token_map.json`. Returns the pass results.
     """
-    from exporter.export import CHECKPOINT_PASSES, load_torch_model
-    from exporter.prune_sensitivity import EvalSet
-    from exporter.prune_sparsity import magnitude_prune
-    from exporter.prune_structured import apply_structured, decoder_layers, record_shapes
-    from exporter.prune_vocab import (check_tokenizer, plan_vocabulary, slice_embeddings, write_pruned_tokenizer,
+    from exporter.export.convert import CHECKPOINT_PASSES, load_torch_model
+    from exporter.prune.sensitivity import EvalSet
+    from exporter.prune.sparsity import magnitude_prune
+    from exporter.prune.structured import apply_structured, decoder_layers, record_shapes
+    from exporter.prune.vocab import (check_tokenizer, plan_vocabulary, slice_embeddings, write_pruned_tokenizer,
                                       write_token_map)
     from runtime.bundle import PassRecord
     from runtime.data import load_texts
@@ -194,8 +193,8 @@ def prune_checkpoint(resolved, out: Path, options: PruneOptions,
 def prune_model(resolved, out: str | Path, options: PruneOptions, overwrite: bool = False,
                 checkpoint_out: Path | None = None, progress: Callable[[str], None] = lambda message: None):
     """Prune, then export the pruned checkpoint to a bundle at `out`."""
-    from exporter.export import export_model
-    from exporter.sources import ResolvedModel, cache_root
+    from exporter.export.convert import export_model
+    from exporter.export.sources import ResolvedModel, cache_root
 
     if Path(out).exists() and not overwrite:
         raise KoedgeError(f"{out} exists; pass --overwrite to replace it")
@@ -241,10 +240,10 @@ def describe(results: dict) -> str:
 def run_sensitivity(resolved, options: PruneOptions, report: Path, ratios: list[float], threshold: float,
                     progress: Callable[[str], None]) -> dict:
     """The one-layer-at-a-time table and plot, on the model after any vocabulary pruning."""
-    from exporter.prune_sensitivity import EvalSet, Scorer, SensitivityConfig, sensitivity, write_reports
-    from exporter.prune_structured import decoder_layers
-    from exporter.export import load_torch_model
-    from exporter.prune_vocab import plan_vocabulary, slice_embeddings, write_pruned_tokenizer
+    from exporter.prune.sensitivity import EvalSet, Scorer, SensitivityConfig, sensitivity, write_reports
+    from exporter.prune.structured import decoder_layers
+    from exporter.export.convert import load_torch_model
+    from exporter.prune.vocab import plan_vocabulary, slice_embeddings, write_pruned_tokenizer
     from runtime.data import load_texts
 
     if any(not 0 < r < 1 for r in ratios):
@@ -276,14 +275,7 @@ def run_sensitivity(resolved, options: PruneOptions, report: Path, ratios: list[
     return {"base": base, "rows": rows, "files": {k: str(report / v) for k, v in files.items()}}
 
 
-# --- command --------------------------------------------------------------------------------------
-
-def _ratios(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise KoedgeError(f"ratios must be comma-separated numbers, got '{text}'") from err
-
+# --- options --------------------------------------------------------------------------------------
 
 def _layers(text: str | None) -> list[int]:
     if not text:
@@ -301,7 +293,7 @@ RECIPE_KEYS = ("vocab_size", "coverage", "corpus", "fill", "max_texts", "ffn_rat
 
 def options_from_dict(config: dict) -> PruneOptions:
     """PruneOptions from flat settings (the CLI's option names with underscores; a recipe's pass table)."""
-    from exporter.prune_structured import read_plan
+    from exporter.prune.structured import read_plan
 
     unknown = sorted(set(config) - set(RECIPE_KEYS))
     if unknown:
@@ -323,80 +315,3 @@ def options_from_dict(config: dict) -> PruneOptions:
         calib_texts=get("calib_texts", 128))
     sparsity = SparsityConfig(get("sparsity", 0.0), get("sparsity_scope", "local"))
     return PruneOptions(vocab, structured, sparsity, get("eval_texts", 100))
-
-
-def options_from(args: argparse.Namespace) -> PruneOptions:
-    return options_from_dict({key: getattr(args, key) for key in RECIPE_KEYS if getattr(args, key) is not None})
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    from exporter.cli import progress
-    from exporter.sources import resolve_model
-
-    refuse_bundle(args.model)
-    options = options_from(args)
-    if args.sensitivity:
-        resolved = resolve_model(args.model, trust_remote_code=args.trust_remote_code, progress=progress)
-        result = run_sensitivity(resolved, options, Path(args.report), _ratios(args.ratios), args.threshold, progress)
-        print(f"unpruned {result['base']['bits_per_byte']:.4f} bits/byte; reports: "
-              + ", ".join(result["files"].values()))
-        return 0
-    if not args.out:
-        raise KoedgeError("--out is required (or use --sensitivity for the report only)")
-    if not options.active:
-        raise KoedgeError("nothing to prune: give --vocab-size/--coverage, --ffn-ratio/--head-ratio/"
-                          "--drop-layers/--plan, or --sparsity")
-    options.structured.check(10**6)  # ranges now; layer numbers once the model is loaded
-    options.sparsity.check()
-    if options.vocab:
-        options.vocab.check()
-    resolved = resolve_model(args.model, trust_remote_code=args.trust_remote_code, progress=progress)
-    checkpoint = Path(args.checkpoint_out) if args.checkpoint_out else None
-    results, exported = prune_model(resolved, args.out, options, args.overwrite, checkpoint, progress)
-    print(describe(results))
-    print(f"bundle {exported.folder}  {exported.bundle_bytes / 1e6:,.1f} MB")
-    return 0
-
-
-def add_commands(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "prune", help="prune a model (Korean vocabulary, FFN channels, heads, layers, sparsity) and export it",
-        description="Shrink the torch model before export so ONNX shapes really get smaller, then export a "
-                    "bundle. Prune before quantizing. See docs/pruning.md.")
-    parser.add_argument("--model", required=True, help="packaged name, checkpoint folder or Hugging Face id")
-    parser.add_argument("--out", help="bundle folder to create")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("--checkpoint-out", help="also keep the pruned torch checkpoint in this new folder")
-    parser.add_argument("--eval-texts", type=int, default=100,
-                        help="eval-split Korean texts for bits per byte before/after (0: skip; default 100)")
-    vocab = parser.add_argument_group("vocabulary pruning")
-    size = vocab.add_mutually_exclusive_group()
-    size.add_argument("--vocab-size", type=int, help="keep exactly N tokens")
-    size.add_argument("--coverage", type=float, help="keep the most used tokens covering this share (0-1]")
-    vocab.add_argument("--corpus", action="append",
-                       help="texts to count on: ko, nsmc, klue (calib split) or a .txt/.jsonl file; repeatable")
-    vocab.add_argument("--fill", choices=["ko-en", "any", "none"], default="ko-en",
-                       help="what fills --vocab-size past the counted tokens (tokenizer prior order)")
-    vocab.add_argument("--max-texts", type=int, default=None, help="count on at most N texts per corpus")
-    structured = parser.add_argument_group("structured pruning")
-    structured.add_argument("--ffn-ratio", type=float, default=0.0, help="share of FFN channels to remove [0, 1)")
-    structured.add_argument("--head-ratio", type=float, default=0.0, help="share of query heads to remove [0, 1)")
-    structured.add_argument("--drop-layers", help="comma-separated layer numbers to remove")
-    structured.add_argument("--scope", choices=["local", "global"], default="local")
-    structured.add_argument("--score", choices=["weight", "activation"], default="weight")
-    structured.add_argument("--steps", type=int, default=1, help="iterative pruning in N rounds (re-scored)")
-    structured.add_argument("--multiple-of", type=int, default=8, help="keep FFN widths a multiple of this")
-    structured.add_argument("--plan", help="JSON plan with per-layer ratios (see --sensitivity)")
-    structured.add_argument("--calib-texts", type=int, default=128, help="calibration texts for activation scores")
-    sparsity = parser.add_argument_group("unstructured sparsity (no speed or size gain: see docs)")
-    sparsity.add_argument("--sparsity", type=float, default=0.0, help="share of decoder weights to zero [0, 1)")
-    sparsity.add_argument("--sparsity-scope", choices=["local", "global"], default="local")
-    study = parser.add_argument_group("sensitivity study")
-    study.add_argument("--sensitivity", action="store_true",
-                       help="prune one layer at a time and write a table, plot and suggested plan")
-    study.add_argument("--report", default="build/prune-sensitivity", help="folder for the sensitivity report")
-    study.add_argument("--ratios", default="0.25,0.5,0.75", help="ratios for the sensitivity study")
-    study.add_argument("--threshold", type=float, default=0.5,
-                       help="suggested plan: per-layer Δ bits/byte budget in percent")
-    parser.set_defaults(func=cmd_prune)

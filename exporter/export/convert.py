@@ -19,8 +19,8 @@ from typing import Callable
 from runtime.bundle import (LOGITS_TO_KEEP, IOContract, Manifest, ModelInfo, PassRecord, SpecialTokens, TensorSpec,
                             staged_folder, write_manifest)
 from runtime.errors import KoedgeError
-from exporter.architectures import TASK, check_exportable, register_koedge_architectures
-from exporter.sources import ResolvedModel
+from exporter.export.architectures import TASK, check_exportable, register_koedge_architectures
+from exporter.export.sources import ResolvedModel
 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -63,7 +63,7 @@ def load_torch_model(resolved: ResolvedModel, dtype: str = "fp32"):
     check_exportable(config.model_type)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     if getattr(config, "koedge_layer_shapes", None):  # structured pruning left layers of different sizes
-        from exporter.prune_structured import load_pruned
+        from exporter.prune.structured import load_pruned
 
         return load_pruned(resolved.path, config, torch_dtype)
     model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch_dtype,
@@ -140,7 +140,7 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
     """Share the tied embedding, save with external data, and run onnx.checker."""
     import onnx
 
-    from exporter.graph_edits import add_logits_to_keep, share_tied_embedding
+    from exporter.export.graph_edits import add_logits_to_keep, share_tied_embedding
 
     model = onnx.load(str(source))
     tied = share_tied_embedding(model) if config.share_tied_embedding else None
@@ -162,7 +162,7 @@ def export_model(resolved: ResolvedModel, out: str | Path, config: ExportConfig 
     import onnx
     from transformers import AutoTokenizer
 
-    from exporter.parity import check_parity
+    from exporter.export.parity import check_parity
     from runtime.model import CausalLM
 
     config = config or ExportConfig()

@@ -1,0 +1,35 @@
+"""`koedge export`: a model source in, an ONNX bundle with KV cache out."""
+
+from __future__ import annotations
+
+import argparse
+
+from exporter.cli.common import progress
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from exporter.export import ExportConfig, describe_export, export_model, resolve_model
+
+    resolved = resolve_model(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
+                             progress=progress)
+    config = ExportConfig(dtype=args.dtype, opset=args.opset, parity_tolerance=args.tolerance)
+    result = export_model(resolved, args.out, config, overwrite=args.overwrite, progress=progress)
+    print(describe_export(result))
+    return 0
+
+
+def add_commands(commands) -> None:
+    export = commands.add_parser("export", help="export a model to an ONNX bundle with KV cache",
+                                 description="Export a Hugging Face causal LM (or a packaged model) to a koedge "
+                                             "bundle: ONNX with KV cache, tokenizer, manifest; checked against torch.")
+    export.add_argument("--model", required=True,
+                        help="packaged name (gemma-3-270m, smollm2-135m, polyglot-ko-1.3b-shape), "
+                             "local checkpoint folder, or Hugging Face id")
+    export.add_argument("--out", required=True, help="bundle folder to create")
+    export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: Optimum's choice)")
+    export.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    export.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (hub models)")
+    export.add_argument("--tolerance", type=float, default=None, help="max |logit diff| vs torch (default by dtype)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    export.set_defaults(func=cmd_export)
