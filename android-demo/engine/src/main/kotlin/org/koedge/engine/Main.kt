@@ -7,6 +7,7 @@ import java.io.PrintStream
 import kotlin.system.exitProcess
 
 private const val USAGE = """usage: java -jar koedge-engine.jar BUNDLE PROMPT [options]
+       java -jar koedge-engine.jar BUNDLE --prompt-file FILE [options]
   Continue PROMPT with the bundle and stream the text, as `koedge run` does (greedy by default);
   the timing line goes to stderr.
 options:
@@ -19,6 +20,8 @@ options:
   --ignore-eos            do not stop at the end-of-sequence token
   --threads N             onnxruntime threads (default: all cores)
   --prefill-chunk N|auto  prompt tokens per call (default auto, as the Python runtime; 0 = one call)
+  --prompt-file FILE      read the prompt from a UTF-8 file (onnxruntime 1.29's Java library crashes with
+                          SIGSEGV when the process command line is longer than about 4 KB)
   --verify                check every file's sha256 against the manifest (sizes are always checked)
   --ids                   also print the prompt and generated token ids as JSON on stderr
   -v, --verbose           prefill time, KV bytes and peak RSS in the timing line
@@ -60,6 +63,7 @@ private fun run(args: List<String>, out: PrintStream, err: PrintStream): Int {
     var verify = false
     var printIds = false
     var verbose = false
+    var promptFile: String? = null
     var i = 0
     fun value(name: String): String {
         if (i + 1 >= args.size) throw UsageException("$name needs a value")
@@ -84,6 +88,7 @@ private fun run(args: List<String>, out: PrintStream, err: PrintStream): Int {
                     ?: throw UsageException("--prefill-chunk: a number of tokens (0 = one call) or 'auto'")
             }
             "--verify" -> verify = true
+            "--prompt-file" -> promptFile = value(a)
             "--ids" -> printIds = true
             "-v", "--verbose" -> verbose = true
             "-h", "--help" -> { out.println(USAGE); return 0 }
@@ -91,6 +96,12 @@ private fun run(args: List<String>, out: PrintStream, err: PrintStream): Int {
             else -> if (a.startsWith("--")) throw UsageException("unknown option $a") else positional.add(a)
         }
         i++
+    }
+    if (promptFile != null) {
+        if (positional.size != 1) throw UsageException("expected BUNDLE and --prompt-file FILE, not a PROMPT too")
+        val file = File(promptFile)
+        if (!file.isFile) throw UsageException("prompt file $promptFile not found")
+        positional.add(file.readText(Charsets.UTF_8))
     }
     if (positional.size != 2) throw UsageException("expected BUNDLE and PROMPT")
     val config = SamplingConfig(maxNew, temperature, topK, topP, penalty, seed, stop, !ignoreEos)
