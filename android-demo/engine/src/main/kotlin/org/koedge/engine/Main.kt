@@ -15,7 +15,7 @@ options:
   --temperature T         0 = greedy (default)
   --top-k K  --top-p P    sampling filters (0 / 1 = off)
   --repetition-penalty R  > 1 discourages repeats (default 1 = off)
-  --seed S                random seed for sampling (java.util.Random: not numpy's stream)
+  --seed S                random seed for sampling (java.util.SplittableRandom: not numpy's stream)
   --stop TEXT             stop at this text (repeatable)
   --ignore-eos            do not stop at the end-of-sequence token
   --threads N             onnxruntime threads (default: all cores)

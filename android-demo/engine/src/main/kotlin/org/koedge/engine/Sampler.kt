@@ -1,6 +1,6 @@
 package org.koedge.engine
 
-import java.util.Random
+import java.util.SplittableRandom
 
 /**
  * Next-token choice from one row of logits, as runtime/generate.py `Sampler`: repetition penalty
@@ -8,10 +8,10 @@ import java.util.Random
  *
  * Greedy (temperature 0) is the argmax of the penalized float32 scores, first index on ties (np.argmax):
  * identical to the Python runtime. Seeded sampling is reproducible run to run with the same seed, but uses
- * java.util.Random, not numpy's PCG64 stream, so its draws differ from `koedge run --seed`.
+ * java.util.SplittableRandom, not numpy's PCG64 stream, so its draws differ from `koedge run --seed`.
  */
 class Sampler(private val config: SamplingConfig) {
-    private val random = if (config.seed != null) Random(config.seed) else Random()
+    private val random = if (config.seed != null) SplittableRandom(config.seed) else SplittableRandom()
     private var mark = BooleanArray(0)
 
     /** [logits] is modified in place (penalty, temperature); [seen] holds [seenCount] prompt + generated ids. */
