@@ -145,9 +145,14 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
         loadSeconds = (System.nanoTime() - started) / 1e9
     }
 
-    /** A truncated or missing file is named before onnxruntime sees it (it would fail obscurely, or crash). */
+    /**
+     * A truncated or missing file is named before onnxruntime sees it (it would fail obscurely, or crash).
+     * Only the files a run reads: the graph, its weights and the tokenizer (report.json and the like are
+     * rewritten by later build passes after the manifest recorded them, so their sizes may differ).
+     */
     private fun checkFiles() {
         for ((name, record) in manifest.files) {
+            if (!isRunFile(name)) continue
             val file = File(folder, name)
             if (!file.isFile) throw CorruptBundleException("bundle $folder lacks $name (the manifest lists it)")
             if (file.length() != record.bytes) {
@@ -159,6 +164,10 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
             }
         }
     }
+
+    private fun isRunFile(name: String): Boolean = name == manifest.onnxFile || name.startsWith("tokenizer") ||
+        name == "token_map.json" || name.endsWith(".onnx") || name.endsWith(".onnx.data") || name.endsWith(".onnx_data") ||
+        name.endsWith(".data")
 
     private fun openSession(): OrtSession {
         val opts = OrtSession.SessionOptions()
