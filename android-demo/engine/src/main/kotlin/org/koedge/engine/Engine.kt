@@ -94,6 +94,14 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
     private val prefillChunk: Int?
     @Volatile private var cancelled = false
 
+    /** Decode steps timed so far, and their nanoseconds inside onnxruntime vs in the whole step (tensors, copies). */
+    var stepCount = 0L
+        private set
+    var stepOrtNanos = 0L
+        private set
+    var stepTotalNanos = 0L
+        private set
+
     // the KV cache: ping-pong (two slabs per name) or one shared buffer per name
     private var slabs: Array<Array<ByteBuffer>> = arrayOf(emptyArray(), emptyArray())
     private var side = 0
@@ -289,6 +297,8 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
     }
 
     private fun call(ids: IntArray, from: Int, to: Int) {
+        val callStart = System.nanoTime()
+        var ortNanos = 0L
         val seq = to - from
         val rows = if (io.logitsToKeep != null) 1 else seq
         val owned = ArrayList<OnnxTensor>()
@@ -327,7 +337,9 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
                         .also { owned.add(it) }
                 }
             }
+            val ortStart = System.nanoTime()
             session.run(feeds, emptySet(), pinned).close() // every output is pinned: the Result holds nothing of ours
+            ortNanos = System.nanoTime() - ortStart
             readLastRow(logitsBuffer, rows)
         } catch (err: OrtException) {
             throw KoedgeException("onnxruntime failed: ${(err.message ?: "").lines().first().take(300)}", err)
@@ -336,6 +348,11 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
         }
         if (!io.kvSharedBuffer) side = 1 - side
         length += seq
+        if (seq == 1) {
+            stepCount++
+            stepOrtNanos += ortNanos
+            stepTotalNanos += System.nanoTime() - callStart
+        }
     }
 
     private fun readLastRow(buffer: ByteBuffer, rows: Int) {

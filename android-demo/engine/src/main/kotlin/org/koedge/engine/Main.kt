@@ -119,6 +119,10 @@ private fun run(args: List<String>, out: PrintStream, err: PrintStream): Int {
             line += String.format(java.util.Locale.ROOT, " · prefill %.2f s · KV %.1f MiB", result.prefillSeconds,
                 result.kvBytes / 1048576.0)
             Memory.peakRss()?.let { line += String.format(java.util.Locale.ROOT, " · peak RSS %,d MiB", it / 1048576) }
+            if (engine.stepCount > 0) {
+                line += String.format(java.util.Locale.ROOT, " · per step %.2f ms, of it outside onnxruntime %.3f ms",
+                    engine.stepTotalNanos / 1e6 / engine.stepCount, (engine.stepTotalNanos - engine.stepOrtNanos) / 1e6 / engine.stepCount)
+            }
         }
         err.println(line)
         if (printIds) {
