@@ -4,6 +4,7 @@ import org.koedge.engine.Budget
 import org.koedge.engine.Engine
 import org.koedge.engine.EngineOptions
 import org.koedge.engine.GenerationResult
+import org.koedge.engine.Json
 import org.koedge.engine.KoedgeException
 import org.koedge.engine.Manifest
 import org.koedge.engine.Memory
@@ -59,7 +60,7 @@ class DemoController(
                 checkMemory(manifest)
                 val loaded = Engine(folder, EngineOptions())
                 engine = loaded
-                val card = card(loaded.manifest) + String.format(Locale.ROOT, "\nloaded in %.2f s · RSS %s",
+                val card = card(loaded.manifest, File(folder, "report.json")) + String.format(Locale.ROOT, "\nloaded in %.2f s · RSS %s",
                     loaded.loadSeconds, mib(Memory.currentRss()))
                 post(Runnable { busy = false; listener.onLoaded(card) })
             } catch (err: KoedgeException) {
@@ -130,8 +131,9 @@ class DemoController(
 
         fun mib(bytes: Long?): String = if (bytes == null) "-" else String.format(Locale.ROOT, "%,d MiB", bytes / 1048576)
 
-        /** The model card: model, size, passes, measured accuracy and memory from the manifest. */
-        fun card(manifest: Manifest): String {
+        /** The model card: model, size, passes and predicted memory from the manifest; measured accuracy and
+         *  memory from the build's report.json when the bundle has one (`koedge build` writes it). */
+        fun card(manifest: Manifest, report: File? = null): String {
             val info = manifest.model
             val lines = ArrayList<String>()
             lines.add("${info.name} (${info.architecture}, ${String.format(Locale.ROOT, "%,d", info.parameters)} parameters)")
@@ -140,13 +142,35 @@ class DemoController(
             lines.add("passes: " + manifest.passes.joinToString(" → ") { it.name }.ifEmpty { "export" })
             val budget = Budget.predict(manifest, PROMPT_TOKENS, NEW_TOKENS)
             lines.add("predicted memory at $PROMPT_TOKENS + $NEW_TOKENS tokens: ${mib(budget.total)}")
-            for ((key, value) in manifest.measured()) {
-                if (MEASURED.any { key.endsWith(it) }) lines.add("$key: $value")
-            }
+            if (report != null && report.isFile) lines.addAll(measured(report))
             return lines.joinToString("\n")
         }
 
-        private val MEASURED = listOf("perplexity", "kl_mean", "same_top1", "peak_rss", "verdict", "tokens_per_second",
-            "accuracy", "bytes_after")
+        /** validate's verdict and eval's perplexity / KL / same-top-1 vs the reference, from report.json. */
+        fun measured(report: File): List<String> = try {
+            val passes = (Json.parse(report.readText(Charsets.UTF_8)) as Map<*, *>)["passes"] as? List<*> ?: emptyList<Any?>()
+            val out = ArrayList<String>()
+            for (item in passes) {
+                val pass = item as? Map<*, *> ?: continue
+                val results = pass["results"] as? Map<*, *> ?: continue
+                when (pass["pass"]) {
+                    "validate" -> (results["verdict"] as? String)?.let { out.add("validated: $it") }
+                    "eval" -> {
+                        val bundle = results["bundle"] as? Map<*, *> ?: continue
+                        val ppl = (bundle["perplexity"] as? Number)?.toDouble()
+                        val ref = (bundle["reference_perplexity"] as? Number)?.toDouble()
+                        val kl = (bundle["kl_mean"] as? Number)?.toDouble()
+                        val top1 = (bundle["same_top1"] as? Number)?.toDouble()
+                        if (ppl != null) out.add(String.format(Locale.ROOT, "Korean perplexity %.2f%s%s%s", ppl,
+                            if (ref != null) String.format(Locale.ROOT, " (reference %.2f)", ref) else "",
+                            if (kl != null) String.format(Locale.ROOT, " · KL %.4f", kl) else "",
+                            if (top1 != null) String.format(Locale.ROOT, " · same top-1 %.1f%%", 100 * top1) else ""))
+                    }
+                }
+            }
+            out
+        } catch (err: RuntimeException) {
+            emptyList()
+        }
     }
 }
