@@ -234,7 +234,7 @@ def gemma_phone_bundle(gemma_bundle, tmp_path_factory) -> Path:
     if env := os.environ.get("KOEDGE_GEMMA_PHONE"):
         return Path(env)
     from exporter.quantize import quantize_bundle
-    from exporter.quantize_int4 import Int4Config
+    from exporter.quantize.int4 import Int4Config
 
     out = tmp_path_factory.mktemp("gemma-phone") / "bundle"
     config = Int4Config(algo="rtn", block_size=32, accuracy_level=4, embedding="int8")  # recipes/phone-3gb.toml

@@ -70,7 +70,7 @@ def assert_parity(jar: Path, tokenizer_file: Path, tmp_path: Path, name: str, ev
 
 def pruned_tokenizer(source: Path, target: Path, vocab_size: int, special_ids: list[int]) -> Path:
     """koedge's vocabulary pruning (exporter/prune_vocab.py) applied to a tokenizer folder."""
-    from exporter.prune_vocab import VocabConfig, plan_vocabulary, write_pruned_tokenizer
+    from exporter.prune.vocab import VocabConfig, plan_vocabulary, write_pruned_tokenizer
 
     target.mkdir(parents=True, exist_ok=True)
     plan = plan_vocabulary(source, VocabConfig(vocab_size=vocab_size, max_texts=20_000), special_ids,
