@@ -142,3 +142,22 @@ def add_logits_to_keep(model: onnx.ModelProto, logits: str = "logits") -> bool:
         if output.name == logits and len(output.type.tensor_type.shape.dim) == 3:
             output.type.tensor_type.shape.dim[1].dim_param = "logits_length"
     return True
+
+
+def name_present_dims(model: onnx.ModelProto) -> None:
+    """Give each `present.*` output the fixed KV-head and head-dim sizes of its `past_key_values.*` input.
+
+    The TorchScript exporter cannot infer a custom op's output shapes (GroupQueryAttention), so it names
+    them after the node; runners and the manifest expect the same numbers as the past's.
+    """
+    inputs = {item.name: item for item in model.graph.input}
+    for output in model.graph.output:
+        if not output.name.startswith("present."):
+            continue
+        past = inputs.get("past_key_values." + output.name[len("present."):])
+        if past is None:
+            continue
+        source, target = past.type.tensor_type.shape.dim, output.type.tensor_type.shape.dim
+        for axis in (1, 3):
+            if source[axis].HasField("dim_value"):
+                target[axis].dim_value = source[axis].dim_value
