@@ -133,9 +133,15 @@ def fused_attention(model) -> Iterator[None]:
 
     def capture_mask(module, args, kwargs):
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if mask is None or mask.dim() != 2:
-            raise KoedgeError("fused attention needs the 2D attention_mask input")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if mask is None or mask.dim() != 2 or ids is None:
+            raise KoedgeError("fused attention needs the input_ids and 2D attention_mask inputs")
         state.mask = mask
+        if kwargs.get("position_ids") is None:  # else the model counts positions from the past's length,
+            # which is the whole preallocated buffer once past and present share it
+            positions = mask.cumsum(dim=1) - 1
+            return args, {**kwargs, "position_ids": positions[:, -ids.shape[1]:]}
+        return None
 
     def hand_stand_in(module, args, kwargs):
         for name in _CACHE_KWARGS:
@@ -148,7 +154,11 @@ def fused_attention(model) -> Iterator[None]:
     attention_modules = [module for module in model.modules() if _is_attention(module)]
     if not attention_modules:
         raise KoedgeError(f"fused attention: no attention modules found in {type(model).__name__}")
-    handles.append(model.base_model.register_forward_pre_hook(capture_mask, with_kwargs=True))
+    inner = next((module for module in model.modules() if module is not model
+                  and isinstance(getattr(module, "layers", None), torch.nn.ModuleList)), None)
+    if inner is None:
+        raise KoedgeError(f"fused attention: no decoder stack (a `layers` list) in {type(model).__name__}")
+    handles.append(inner.register_forward_pre_hook(capture_mask, with_kwargs=True))
     handles += [module.register_forward_pre_hook(hand_stand_in, with_kwargs=True) for module in attention_modules]
     configs = {id(module.config): module.config for module in model.modules() if hasattr(module, "config")}
     implementations = {key: config._attn_implementation for key, config in configs.items()}
