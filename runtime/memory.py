@@ -127,17 +127,26 @@ def prefill_chunk_for(manifest: Manifest, requested: int | str | None = "auto") 
     return requested or None
 
 
+# onnxruntime + numpy + the decode-only tokenizer + Python, resident before any weight (koedge plan uses it too)
+RUNTIME_OVERHEAD = 150 * MIB
+# Quantized weights (MatMulNBits): onnxruntime pre-packs them into an anonymous copy at load, and part of
+# the mapped file stays resident beside it. Measured share of the weight bytes (docs/memory.md).
+PREPACKED_SHARE = 1.0
+
+
 @dataclass
 class Budget:
-    """What a run should need: weights + KV cache + the biggest activations."""
+    """What a run should need: weights + KV cache + the biggest activations + pre-packed copy + runtime."""
 
     weights: int
     kv_cache: int
     activations: int
+    prepacked: int = 0
+    runtime: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations
+        return self.weights + self.kv_cache + self.activations + self.prepacked + self.runtime
 
 
 def kv_cache_bytes(manifest: Manifest, tokens: int) -> int:
@@ -145,6 +154,17 @@ def kv_cache_bytes(manifest: Manifest, tokens: int) -> int:
     info = manifest.model
     element = 2 if manifest.io.kv_dtype == "float16" else 4
     return 2 * info.num_layers * info.num_kv_heads * info.head_dim * tokens * element
+
+
+def kv_buffer_positions(manifest: Manifest, prompt_tokens: int, new_tokens: int) -> int:
+    """Positions an in-place run holds at its peak: runtime.kvcache.BoundCache allocates the prompt (at least
+    `io.kv_buffer_length` or 256) and doubles when decoding outgrows it; while it grows, old and new coexist."""
+    limit, first = manifest.model.max_positions, manifest.io.kv_buffer_length or 256
+    capacity = peak = min(max(prompt_tokens, first), limit)
+    while capacity < min(prompt_tokens + new_tokens, limit):
+        grown = min(2 * capacity, limit)
+        peak, capacity = max(peak, capacity + grown), grown
+    return peak
 
 
 def predict_budget(manifest: Manifest, prompt_tokens: int, new_tokens: int,
@@ -155,13 +175,24 @@ def predict_budget(manifest: Manifest, prompt_tokens: int, new_tokens: int,
     a prefill's logits ([rows, vocab] float32) dominate activations for big vocabularies: measured on gemma-3-270m
     the transient peak is about 1.3x their size (docs/memory.md). Hidden states ([rows, hidden] a
     dozen times) and attention scores ([heads, rows, context]) come next. The KV cache is held twice
-    at a step boundary (past in, present out) unless the graph takes one buffer for both.
+    at a step boundary (past in, present out) unless the graph takes one buffer for both (fused export);
+    then it is the preallocated buffer, which grows by doubling. Quantized weights add their pre-packed copy.
     """
     info = manifest.model
     rows = min(prompt_tokens, prefill_chunk_for(manifest, prefill_chunk) or prompt_tokens)
     logits = int(1.3 * (1 if manifest.io.logits_to_keep else rows) * info.vocab_size * 4)
     hidden = rows * info.hidden_size * 4 * 16
     attention = rows * prompt_tokens * info.num_attention_heads * 4 * 2
-    kv = kv_cache_bytes(manifest, prompt_tokens + new_tokens)
-    copies = 1 if manifest.io.kv_shared_buffer else 2  # in place: one buffer is past and present
-    return Budget(weights=manifest.weight_bytes(), kv_cache=copies * kv, activations=logits + hidden + attention)
+    if manifest.io.kv_shared_buffer:  # in place: one buffer is past and present
+        kv = kv_cache_bytes(manifest, kv_buffer_positions(manifest, prompt_tokens, new_tokens))
+    else:
+        kv = 2 * kv_cache_bytes(manifest, prompt_tokens + new_tokens)
+    weights = manifest.weight_bytes()
+    prepacked = int(PREPACKED_SHARE * weights) if _quantized(manifest) else 0
+    return Budget(weights=weights, kv_cache=kv, activations=logits + hidden + attention, prepacked=prepacked,
+                  runtime=RUNTIME_OVERHEAD)
+
+
+def _quantized(manifest: Manifest) -> bool:
+    """Bundles written before `quantized_weights` existed say it through their pass names."""
+    return manifest.quantized_weights or any(record.name.startswith("quantize") for record in manifest.passes)

@@ -39,6 +39,7 @@ class ExportConfig:
     share_tied_embedding: bool = True
     logits_to_keep_input: bool = True  # optional input: LM head on the last position only (generation)
     attention: str = "fused"  # fused: GroupQueryAttention, KV written in place | unfused: Optimum's graph
+    kv_buffer_length: int | None = None  # fused: positions the runtime allocates the KV buffer for at once
 
     def tolerance(self) -> float:
         if self.parity_tolerance is not None:
@@ -198,6 +199,7 @@ def export_model(resolved: ResolvedModel, out: str | Path, config: ExportConfig 
         past_key = next(spec for spec in io.inputs if spec.name == io.past_key.format(layer=0))
         io.kv_dtype = past_key.dtype
         io.kv_shared_buffer = config.attention == "fused"  # GQA appends into the past buffer
+        io.kv_buffer_length = config.kv_buffer_length if io.kv_shared_buffer else None
         manifest = Manifest(model=_model_info(resolved, model, past_key), tokens=_special_tokens(model, tokenizer),
                             io=io, onnx_file=ONNX_FILE, passes=checkpoint_passes(resolved.path))
         write_manifest(folder, manifest)
