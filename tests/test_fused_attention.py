@@ -92,3 +92,24 @@ def test_unknown_attention_is_one_clear_error(tiny_checkpoints, tmp_path):
 
     with pytest.raises(KoedgeError, match="unknown attention"):
         export_model(resolve_model(str(tiny_checkpoints["llama"])), tmp_path / "x", ExportConfig(attention="flash"))
+
+
+@pytest.mark.slow
+def test_gemma_fused_equals_unfused_past_the_window(gemma_checkpoint, gemma_bundle, tmp_path_factory):
+    """gemma-3-270m: 64 greedy tokens identical, for a short prompt and one past the 512-token window."""
+    from exporter.export.convert import ExportConfig, export_model
+    from runtime.bundle import read_manifest
+    from runtime.validate import prompt_ids
+
+    bundles = {read_manifest(gemma_bundle).io.kv_shared_buffer: gemma_bundle}
+    fused = not next(iter(bundles))  # export the kind the session's bundle is not
+    out = tmp_path_factory.mktemp("gemma-other") / "bundle"
+    export_model(gemma_checkpoint, out, ExportConfig(attention="fused" if fused else "unfused", parity_long_prompt=False),
+                 progress=lambda message: None)
+    bundles[fused] = out
+    in_place, ping_pong = load(bundles[True]), load(bundles[False])
+    window = in_place.manifest.model.sliding_window
+    config = SamplingConfig(max_new_tokens=64, stop_at_eos=False)
+    for count in (32, window + 88):
+        ids = prompt_ids(in_place, count)
+        assert Generator(in_place).generate(ids, config).tokens == Generator(ping_pong).generate(ids, config).tokens
