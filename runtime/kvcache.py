@@ -86,6 +86,8 @@ class BoundCache:
         """Make the buffers hold `tokens` positions, keeping the cached ones (one copy when they grow)."""
         if tokens <= self.capacity:
             return
+        if not self.capacity:  # the first allocation: at least what the manifest asks for
+            tokens = max(tokens, self.io.kv_buffer_length or 0)
         tokens = min(tokens, self.max_length)
         if self.in_place:
             buffers = [np.zeros(self._shape(tokens), self.kv_dtype) for _ in self.past_names]

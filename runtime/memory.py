@@ -157,14 +157,10 @@ def kv_cache_bytes(manifest: Manifest, tokens: int) -> int:
 
 
 def kv_buffer_positions(manifest: Manifest, prompt_tokens: int, new_tokens: int) -> int:
-    """Positions an in-place run holds at its peak: runtime.kvcache.BoundCache allocates the prompt (at least
-    `io.kv_buffer_length` or 256) and doubles when decoding outgrows it; while it grows, old and new coexist."""
-    limit, first = manifest.model.max_positions, manifest.io.kv_buffer_length or 256
-    capacity = peak = min(max(prompt_tokens, first), limit)
-    while capacity < min(prompt_tokens + new_tokens, limit):
-        grown = min(2 * capacity, limit)
-        peak, capacity = max(peak, capacity + grown), grown
-    return peak
+    """Positions of the in-place buffer: runtime.generate reserves prompt + new tokens at once (at least the
+    manifest's `io.kv_buffer_length`), never more than the model's context."""
+    wanted = max(prompt_tokens + new_tokens, manifest.io.kv_buffer_length or 0)
+    return min(wanted, manifest.model.max_positions)
 
 
 def predict_budget(manifest: Manifest, prompt_tokens: int, new_tokens: int,

@@ -86,12 +86,31 @@ def test_in_place_loop_equals_numpy_loop_across_buffer_growth(arch, tiny_bundles
     assert bound.capacity > len(ids) + 4 and bound.length == plain.length
 
 
+@pytest.mark.parametrize("arch", ["gemma3_text", "gpt_neox"])
+def test_float16_kv_cache_halves_the_buffer_and_keeps_the_logits(arch, tiny_checkpoints, tiny_bundles, tmp_path):
+    from exporter.export.convert import ExportConfig, export_model
+    from exporter.export.sources import resolve_model
+
+    export_model(resolve_model(str(tiny_checkpoints[arch])), tmp_path / "half", ExportConfig(kv_dtype="float16"),
+                 progress=lambda message: None)  # parity against torch at the FP32 tolerance
+    half, full = load(tmp_path / "half"), load(tiny_bundles[arch])
+    assert half.manifest.io.kv_dtype == "float16" and half.manifest.io.kv_shared_buffer
+    ids = half.encode(PROMPT)
+    a, b, plain = BoundCache(half), BoundCache(full), NumpyCache(half)
+    np.testing.assert_allclose(a.run(ids), b.run(ids), atol=1e-2)
+    np.testing.assert_allclose(a.run([5]), plain.run(ids + [5]), atol=1e-5)  # in place = numpy loop
+    assert a.kv_bytes() * 2 == b.kv_bytes()
+
+
 def test_unknown_attention_is_one_clear_error(tiny_checkpoints, tmp_path):
     from exporter.export.convert import ExportConfig, export_model
     from exporter.export.sources import resolve_model
 
     with pytest.raises(KoedgeError, match="unknown attention"):
         export_model(resolve_model(str(tiny_checkpoints["llama"])), tmp_path / "x", ExportConfig(attention="flash"))
+    with pytest.raises(KoedgeError, match="KV dtype"):
+        export_model(resolve_model(str(tiny_checkpoints["llama"])), tmp_path / "x",
+                     ExportConfig(attention="unfused", kv_dtype="float16"))
 
 
 @pytest.mark.slow

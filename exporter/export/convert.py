@@ -40,6 +40,7 @@ class ExportConfig:
     logits_to_keep_input: bool = True  # optional input: LM head on the last position only (generation)
     attention: str = "fused"  # fused: GroupQueryAttention, KV written in place | unfused: Optimum's graph
     kv_buffer_length: int | None = None  # fused: positions the runtime allocates the KV buffer for at once
+    kv_dtype: str = "float32"  # fused only: float16 halves the KV cache (attention then runs in float16)
 
     def tolerance(self) -> float:
         if self.parity_tolerance is not None:
@@ -135,7 +136,7 @@ def _optimum_export(model, workdir: Path, config: ExportConfig) -> Path:
         if config.attention == "fused":
             from exporter.export.fused_attention import fused_attention
 
-            with fused_attention(model):
+            with fused_attention(model, half_kv=config.kv_dtype == "float16"):
                 onnx_export_from_model(model, workdir, task=TASK, opset=config.opset, do_validation=False)
         else:
             onnx_export_from_model(model, workdir, task=TASK, opset=config.opset, do_validation=False)
@@ -149,10 +150,12 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
     """Share the tied embedding, save with external data, and run onnx.checker."""
     import onnx
 
-    from exporter.export.graph_edits import add_logits_to_keep, name_present_dims, share_tied_embedding
+    from exporter.export.graph_edits import add_logits_to_keep, kv_in_float16, name_present_dims, share_tied_embedding
 
     model = onnx.load(str(source))
     name_present_dims(model)
+    if config.kv_dtype == "float16" and not kv_in_float16(model):
+        raise KoedgeError("float16 KV cache: found no KV casts to move out of the graph")
     tied = share_tied_embedding(model) if config.share_tied_embedding else None
     if tied:
         progress(f"tied embedding shared with the LM head ({tied.bytes_saved / 1e6:.0f} MB saved)")
@@ -180,6 +183,8 @@ def export_model(resolved: ResolvedModel, out: str | Path, config: ExportConfig 
         raise KoedgeError(f"unknown dtype '{config.dtype}' (fp32 or fp16)")
     if config.attention not in ATTENTION:
         raise KoedgeError(f"unknown attention '{config.attention}' ({' or '.join(ATTENTION)})")
+    if config.kv_dtype not in ("float32", "float16") or (config.kv_dtype == "float16" and config.attention != "fused"):
+        raise KoedgeError(f"KV dtype '{config.kv_dtype}' is not supported (float32, or float16 with fused attention)")
     started = time.perf_counter()
     with staged_folder(out, overwrite=overwrite) as folder:
         progress(f"loading {resolved.name} ({config.dtype})")

@@ -26,6 +26,7 @@ import torch
 from runtime.errors import KoedgeError
 
 _CACHE_KWARGS = ("past_key_values", "layer_past", "past_key_value")
+FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto element types
 
 
 class GroupQueryAttentionOp(torch.autograd.Function):
@@ -38,7 +39,7 @@ class GroupQueryAttentionOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length,
-                num_heads: int, kv_heads: int, scale: float, window: int, softcap: float):
+                num_heads: int, kv_heads: int, scale: float, window: int, softcap: float, half_kv: bool = False):
         batch, seq, _ = query.shape
         dim = past_key.shape[-1]
         q = query.view(batch, seq, num_heads, dim).transpose(1, 2)
@@ -62,11 +63,16 @@ class GroupQueryAttentionOp(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length,
-                 num_heads, kv_heads, scale, window, softcap):
+                 num_heads, kv_heads, scale, window, softcap, half_kv=False):
+        def cast(value, to):  # half_kv: GQA in float16; graph_edits.kv_in_float16 then drops the KV casts
+            return g.op("Cast", value, to_i=to) if half_kv else value
+
+        inputs = [cast(tensor, FLOAT16) for tensor in (query, key, value, past_key, past_value)]
         out, present_key, present_value = g.op(
-            "com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value, seqlens_k,
+            "com.microsoft::GroupQueryAttention", *inputs, seqlens_k,
             total_length, num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale,
             local_window_size_i=window if window > 0 else -1, softcap_f=softcap, do_rotary_i=0, outputs=3)
+        out, present_key, present_value = (cast(tensor, FLOAT) for tensor in (out, present_key, present_value))
         out.setType(query.type())
         present_key.setType(past_key.type())
         present_value.setType(past_value.type())
@@ -87,6 +93,7 @@ class _NewOnly:
 
 @dataclass
 class _State:
+    half_kv: bool = False  # GQA runs in float16 with a float16 KV cache
     stand_ins: dict[int, _NewOnly] = field(default_factory=dict)  # id(attention module) -> its stand-in
     mask: torch.Tensor | None = None  # the 2D attention_mask of the current forward
 
@@ -113,7 +120,7 @@ def _attention(state: _State):
         flat = [t.transpose(1, 2).reshape(batch, seq, -1) for t in (query, key, value)]
         out, layer.keys, layer.values = GroupQueryAttentionOp.apply(
             *flat, layer.keys, layer.values, seqlens_k, total, heads, kv_heads, scale,
-            _sliding_window(kwargs), softcap)
+            _sliding_window(kwargs), softcap, state.half_kv)
         return out.view(batch, seq, heads, dim), None
 
     return attend
@@ -124,11 +131,15 @@ def _is_attention(module) -> bool:
 
 
 @contextlib.contextmanager
-def fused_attention(model) -> Iterator[None]:
-    """Within the block, exporting `model` writes a GroupQueryAttention node per layer."""
+def fused_attention(model, half_kv: bool = False) -> Iterator[None]:
+    """Within the block, exporting `model` writes a GroupQueryAttention node per layer.
+
+    `half_kv`: the attention runs in float16 between casts, so the KV cache can be float16 (half the
+    memory) once graph_edits.kv_in_float16 has moved the casts of past and present out of the graph.
+    """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    state = _State()
+    state = _State(half_kv=half_kv)
     handles = []
 
     def capture_mask(module, args, kwargs):

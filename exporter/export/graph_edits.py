@@ -161,3 +161,43 @@ def name_present_dims(model: onnx.ModelProto) -> None:
         for axis in (1, 3):
             if source[axis].HasField("dim_value"):
                 target[axis].dim_value = source[axis].dim_value
+
+
+def kv_in_float16(model: onnx.ModelProto) -> int:
+    """Make the KV cache float16: past inputs and present outputs of a fused graph exported with `half_kv`.
+
+    The exporter wrote Cast(past -> float16) before each GroupQueryAttention and Cast(present -> float32)
+    after it; the casts go, the inputs and outputs become float16, and the runtime binds float16 buffers
+    (still one buffer for past and present). Returns the number of KV tensors changed.
+    """
+    nodes = list(model.graph.node)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producers = {output: node for node in nodes for output in node.output}
+    changed = 0
+    for item in model.graph.input:
+        users = consumers.get(item.name, [])
+        if not item.name.startswith("past_key_values.") or len(users) != 1 or not _is_cast(users[0], 10):
+            continue
+        cast = users[0]
+        for user in consumers.get(cast.output[0], []):
+            user.input[:] = [item.name if name == cast.output[0] else name for name in user.input]
+        model.graph.node.remove(cast)
+        item.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+        changed += 1
+    for item in model.graph.output:
+        cast = producers.get(item.name)
+        if not item.name.startswith("present.") or cast is None or not _is_cast(cast, 1):
+            continue
+        source = producers[cast.input[0]]
+        source.output[:] = [item.name if name == cast.input[0] else name for name in source.output]
+        model.graph.node.remove(cast)
+        item.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+        changed += 1
+    return changed
+
+
+def _is_cast(node: onnx.NodeProto, to: int) -> bool:
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == to for a in node.attribute)
