@@ -127,12 +127,22 @@ def prefill_chunk_for(manifest: Manifest, requested: int | str | None = "auto") 
     return requested or None
 
 
-# onnxruntime + numpy + the decode-only tokenizer + Python, resident before any weight (koedge plan uses it too)
-RUNTIME_OVERHEAD = 150 * MIB
+# Resident besides weights, KV and activations: Python + onnxruntime + tokenizers before loading (62 MiB,
+# `koedge validate`'s "runtime base"), plus what grows with the vocabulary (the decode-only tokenizer,
+# the logits buffers, the session's vocabulary-sized tensors). Fitted on gemma-3-270m fused bundles at
+# 512 + 256 tokens, 2026-12-04: FP32 (262k tokens) 1,268 MiB measured, Korean-pruned 8-bit (32k) 318.
+RUNTIME_BASE = 62 * MIB
+RUNTIME_PER_TOKEN = 508  # bytes per vocabulary entry
+
+
+def runtime_overhead(vocab_size: int) -> int:
+    return RUNTIME_BASE + RUNTIME_PER_TOKEN * vocab_size
+
+
 # Quantized weights (MatMulNBits): onnxruntime pre-packs them into an anonymous copy at load, and part of
-# the mapped file stays resident beside it: measured 0.70 (8-bit blocks) to 0.93 (4-bit) of the weight
-# bytes on gemma-3-270m fused bundles at 512 + 256 tokens (docs/memory.md).
-PREPACKED_SHARE = 0.85
+# the mapped file stays resident beside it. Measured 0.36 (Korean-pruned, 8-bit) to 0.70 (4-bit) of the
+# weight bytes on gemma-3-270m fused bundles at 512 + 256 tokens (docs/memory.md); 0.55 keeps each within 10%.
+PREPACKED_SHARE = 0.55
 
 
 @dataclass
@@ -187,7 +197,7 @@ def predict_budget(manifest: Manifest, prompt_tokens: int, new_tokens: int,
     weights = manifest.weight_bytes()
     prepacked = int(PREPACKED_SHARE * weights) if _quantized(manifest) else 0
     return Budget(weights=weights, kv_cache=kv, activations=logits + hidden + attention, prepacked=prepacked,
-                  runtime=RUNTIME_OVERHEAD)
+                  runtime=runtime_overhead(info.vocab_size))
 
 
 def _quantized(manifest: Manifest) -> bool:

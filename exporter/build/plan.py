@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import KoedgeError
-from runtime.memory import PREPACKED_SHARE, RUNTIME_OVERHEAD
+from runtime.memory import PREPACKED_SHARE, runtime_overhead
 from runtime.memory import parse_size  # noqa: F401  (re-exported for the CLI)
 
 GIB = 1024**3
@@ -81,7 +81,7 @@ def plan(shape: ModelShape, context: int) -> list[PlanRow]:
         weights = int(shape.parameters * per_weight)
         if precision in ("int8", "int4"):  # onnxruntime pre-packs quantized weights into a second copy
             weights += int(PREPACKED_SHARE * weights)
-        rows.append(PlanRow(precision, weights, kv, logits + hidden_buffers, RUNTIME_OVERHEAD))
+        rows.append(PlanRow(precision, weights, kv, logits + hidden_buffers, runtime_overhead(shape.vocab)))
     return rows
 
 

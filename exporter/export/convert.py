@@ -45,7 +45,8 @@ class ExportConfig:
     def tolerance(self) -> float:
         if self.parity_tolerance is not None:
             return self.parity_tolerance
-        return 1e-2 if self.dtype == "fp32" else 0.5
+        # a float16 KV cache moves gemma-3-270m's logits by up to 0.29 past its 512 window (FP32 bundles: 4e-4)
+        return 1e-2 if self.dtype == "fp32" and self.kv_dtype == "float32" else 0.5
 
 
 @dataclass
