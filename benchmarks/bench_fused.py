@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="32+64,512+256", help="prompt+new token pairs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--eval-samples", type=int, default=32, help="held-out passages for KL / same-top-1")
+    parser.add_argument("--eval-samples", type=int, default=32, help="held-out passages for KL / same-top-1 (0: skip)")
     parser.add_argument("--json", default=None, help="also write the raw rows here")
     args = parser.parse_args()
     systems = [(*parse_system(text), "koedge") for text in args.systems]
@@ -88,8 +88,9 @@ def main() -> None:
             row[pair] = {key: statistics.median(r[key] for r in results)
                          for key in ("ttft_seconds", "decode_tokens_per_second", "peak_rss")}
         row["budget"] = budget(folder, *longest) if kind == "koedge" else None
-        row["accuracy"] = accuracy(folder, Path(args.reference), args.eval_samples)
-        print(f"  accuracy {label}: {row['accuracy']}", file=sys.stderr, flush=True)
+        row["accuracy"] = accuracy(folder, Path(args.reference), args.eval_samples) if args.eval_samples else None
+        if row["accuracy"]:
+            print(f"  accuracy {label}: {row['accuracy']}", file=sys.stderr, flush=True)
         rows.append(row)
     print_table(rows, pairs, longest, args)
     if args.json:
@@ -111,8 +112,12 @@ def print_table(rows: list[dict], pairs: list[tuple[int, int]], longest: tuple[i
     print(rule)
     for row in rows:
         acc = row["accuracy"]
-        ppl = f"{acc['ppl'] / acc['ref_ppl'] - 1:+.1%}" if acc.get("ref_ppl") else f"bpb {acc['bpb']:.4f}"
-        line = (f"| {row['system']} | {row['size'] / 1e6:,.0f} | {acc['kl']:.4f} | {acc['top1']:.1%} | {ppl} |")
+        if acc is None:
+            quality = "– | – | –"
+        else:
+            ppl = f"{acc['ppl'] / acc['ref_ppl'] - 1:+.1%}" if acc.get("ref_ppl") else f"bpb {acc['bpb']:.4f}"
+            quality = f"{acc['kl']:.4f} | {acc['top1']:.1%} | {ppl}"
+        line = f"| {row['system']} | {row['size'] / 1e6:,.0f} | {quality} |"
         for pair in pairs:
             cell = row[pair]
             line += (f" {cell['ttft_seconds']:.2f} | {cell['decode_tokens_per_second']:.1f} | "
