@@ -139,10 +139,23 @@ def runtime_overhead(vocab_size: int) -> int:
     return RUNTIME_BASE + RUNTIME_PER_TOKEN * vocab_size
 
 
-# Quantized weights (MatMulNBits): onnxruntime pre-packs them into an anonymous copy at load, and part of
-# the mapped file stays resident beside it. Measured 0.36 (Korean-pruned, 8-bit) to 0.70 (4-bit) of the
-# weight bytes on gemma-3-270m fused bundles at 512 + 256 tokens (docs/memory.md); 0.55 keeps each within 10%.
-PREPACKED_SHARE = 0.55
+# Quantized weights (MatMulNBits): onnxruntime pre-packs them into an anonymous copy at load. Most of the
+# mapped file is then not touched again, except a tied embedding: the Gather keeps reading its rows from
+# the file while the LM head reads the packed copy, so it is resident twice. Fitted on fused bundles at
+# 512 + 256 tokens, 2026-12-04 (docs/memory.md): gemma-3-270m 8-bit, 4-bit, Korean-pruned 8-bit, and the
+# polyglot-ko shape twin 4-bit (untied) all within 5%.
+PREPACKED_SHARE = 0.2
+
+
+def tied_quantized_embedding_bytes(manifest: Manifest) -> int:
+    """Bytes of a quantized embedding shared with the LM head (0 when untied or left in float)."""
+    tied = any(record.results.get("tied_embedding_shared") for record in manifest.passes if record.name == "export")
+    quantize = next((record for record in manifest.passes if record.name == "quantize-int4"), None)
+    bits = {"int4": 4, "int8": 8}.get((quantize.config if quantize else {}).get("embedding"))
+    if not tied or not bits:
+        return 0
+    block = quantize.config.get("embedding_block_size") or quantize.config.get("block_size") or 32
+    return int(manifest.model.vocab_size * manifest.model.hidden_size * (bits / 8 + 2.5 / block))
 
 
 @dataclass
@@ -195,7 +208,10 @@ def predict_budget(manifest: Manifest, prompt_tokens: int, new_tokens: int,
     else:
         kv = 2 * kv_cache_bytes(manifest, prompt_tokens + new_tokens)
     weights = manifest.weight_bytes()
-    prepacked = int(PREPACKED_SHARE * weights) if _quantized(manifest) else 0
+    prepacked = 0
+    if _quantized(manifest):
+        tied = tied_quantized_embedding_bytes(manifest)
+        prepacked = tied + int(PREPACKED_SHARE * max(weights - tied, 0))
     return Budget(weights=weights, kv_cache=kv, activations=logits + hidden + attention, prepacked=prepacked,
                   runtime=runtime_overhead(info.vocab_size))
 

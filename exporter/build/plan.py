@@ -1,7 +1,7 @@
 """`koedge plan`: will it fit? Weights + KV cache + activations per precision, from the config alone.
 
 The arithmetic, before any work: weights = parameters × bytes per weight (INT8/INT4 include their
-block scales; quantized weights count a second time for the copy onnxruntime pre-packs at load), KV cache
+block scales; quantized weights add part of the copy onnxruntime pre-packs at load, a tied embedding all of it), KV cache
 = one buffer (the fused export writes it in place): 2 × layers × kv_heads × head_dim × tokens × bytes per element, activations =
 the logits of one prefill chunk plus a few hidden-size buffers, and a fixed runtime overhead measured for
 onnxruntime on this machine (libraries, arena-free session, tokenizer).
@@ -79,8 +79,9 @@ def plan(shape: ModelShape, context: int) -> list[PlanRow]:
         logits = min(context, PREFILL_CHUNK) * shape.vocab * 4
         hidden_buffers = 8 * min(context, PREFILL_CHUNK) * shape.hidden * 4
         weights = int(shape.parameters * per_weight)
-        if precision in ("int8", "int4"):  # onnxruntime pre-packs quantized weights into a second copy
-            weights += int(PREPACKED_SHARE * weights)
+        if precision in ("int8", "int4"):  # onnxruntime's pre-packed copy (runtime.memory.predict_budget)
+            tied = int(shape.embedding_parameters * per_weight) if shape.tied else 0
+            weights += tied + int(PREPACKED_SHARE * (weights - tied))
         rows.append(PlanRow(precision, weights, kv, logits + hidden_buffers, runtime_overhead(shape.vocab)))
     return rows
 
