@@ -94,8 +94,9 @@ def main() -> None:
         rows.append(row)
     print_table(rows, pairs, longest, args)
     if args.json:
-        Path(args.json).write_text(json.dumps([{**row, **{f"{p}+{n}": row.pop((p, n)) for p, n in pairs}}
-                                               for row in rows], indent=2, default=str))
+        plain = [{(f"{key[0]}+{key[1]}" if isinstance(key, tuple) else key): value for key, value in row.items()}
+                 for row in rows]
+        Path(args.json).write_text(json.dumps(plain, indent=2, default=str))
 
 
 def print_table(rows: list[dict], pairs: list[tuple[int, int]], longest: tuple[int, int], args) -> None:
