@@ -51,6 +51,9 @@ class IOContract:
     logits_to_keep: str | None = None  # optional int64 [1] input: 1 = LM head on the last position only
     # past and present may be one preallocated buffer (GroupQueryAttention graphs): see runtime/kvcache.py
     kv_shared_buffer: bool = False
+    # positions to allocate that buffer for at the first step (the context a recipe sets); None: what the
+    # first call needs (at least 256), doubling when a run outgrows it; never more than max_positions
+    kv_buffer_length: int | None = None
 
     def input_names(self) -> list[str]:
         return [spec.name for spec in self.inputs]

@@ -2,13 +2,14 @@
 
 Two ways, chosen by the manifest's `io.kv_shared_buffer`:
 
-In place, where the graph allows it (`GroupQueryAttention` graphs such as onnxruntime-genai's model
-builder writes): one buffer per layer and kind, preallocated for the whole sequence, is bound as both
-the past input and the present output. onnxruntime's GQA kernel sees the same pointer, writes the new
+In place, where the graph allows it (`GroupQueryAttention` graphs: koedge's default fused export,
+exporter/export/fused_attention.py, and onnxruntime-genai's model builder): one buffer per layer and kind,
+preallocated (`io.kv_buffer_length` positions, else what the first call needs, at least 256), is bound as
+both the past input and the present output. onnxruntime's GQA kernel sees the same pointer, writes the new
 positions into the buffer and reads the valid prefix (its length comes from the attention mask). Nothing
 is copied or allocated per step; the buffer grows (doubling, one copy) only if a run outgrows it.
 
-Ping-pong otherwise. The Optimum graphs compute
+Ping-pong otherwise. The unfused Optimum graphs (`koedge export --attention unfused`, older bundles) compute
 `present = Concat(past, new)` along the sequence axis, so each step's present is a *new* tensor one
 position longer than its past. A bound output must have exactly the output's shape, and binding a
 past and a present onto the same buffer would alias a Concat's input and output (undefined in
@@ -23,7 +24,7 @@ into a numpy buffer we bind (no copy): the last position's only, where the bundl
 `logits_to_keep` input, else every position's, of which a prefill keeps the last row.
 
 Sliding-window models (gemma3_text, exaone4) keep the full KV in these graphs; the window is
-applied by the mask the graph builds from `attention_mask` and positions, so nothing is trimmed here.
+applied by the graph (GQA's `local_window_size`, or the mask Optimum's graph builds), so nothing is trimmed here.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class BoundCache:
         """Make the buffers hold `tokens` positions, keeping the cached ones (one copy when they grow)."""
         if tokens <= self.capacity:
             return
+        if not self.capacity:  # the first allocation: at least what the manifest asks for
+            tokens = max(tokens, self.io.kv_buffer_length or 0)
         tokens = min(tokens, self.max_length)
         if self.in_place:
             buffers = [np.zeros(self._shape(tokens), self.kv_dtype) for _ in self.past_names]
@@ -103,6 +106,11 @@ class BoundCache:
     def max_length(self) -> int:
         return self.lm.manifest.model.max_positions
 
+    @property
+    def first_capacity(self) -> int:
+        """Positions allocated at the first call: the manifest's `io.kv_buffer_length`, else 256."""
+        return self.io.kv_buffer_length or 256
+
     def run(self, input_ids: np.ndarray | list[int], chunk: int | None = None) -> np.ndarray:
         """Feed `input_ids` ([batch, seq] or one row) after the cached tokens; return the last logits [batch, vocab].
 
@@ -117,7 +125,7 @@ class BoundCache:
         if self.length + ids.shape[1] > self.max_length:
             raise KoedgeError(f"{self.length + ids.shape[1]} tokens exceed the model's context of {self.max_length}")
         if self.length + ids.shape[1] > self.capacity:
-            self.reserve(max(self.length + ids.shape[1], 2 * self.capacity, 256))
+            self.reserve(max(self.length + ids.shape[1], 2 * self.capacity, self.first_capacity))
         step = chunk or ids.shape[1]
         for start in range(0, ids.shape[1], step):
             logits = self._call(ids[:, start:start + step])

@@ -127,17 +127,50 @@ def prefill_chunk_for(manifest: Manifest, requested: int | str | None = "auto") 
     return requested or None
 
 
+# Resident besides weights, KV and activations: Python + onnxruntime + tokenizers before loading (62 MiB,
+# `koedge validate`'s "runtime base"), plus what grows with the vocabulary (the decode-only tokenizer,
+# the logits buffers, the session's vocabulary-sized tensors). Fitted on gemma-3-270m fused bundles at
+# 512 + 256 tokens, 2026-12-04: FP32 (262k tokens) 1,268 MiB measured, Korean-pruned 8-bit (32k) 318.
+RUNTIME_BASE = 62 * MIB
+RUNTIME_PER_TOKEN = 508  # bytes per vocabulary entry
+
+
+def runtime_overhead(vocab_size: int) -> int:
+    return RUNTIME_BASE + RUNTIME_PER_TOKEN * vocab_size
+
+
+# Quantized weights (MatMulNBits): onnxruntime pre-packs them into an anonymous copy at load. Most of the
+# mapped file is then not touched again, except a tied embedding: the Gather keeps reading its rows from
+# the file while the LM head reads the packed copy, so it is resident twice. Fitted on fused bundles at
+# 512 + 256 tokens, 2026-12-04 (docs/memory.md): gemma-3-270m 8-bit, 4-bit, Korean-pruned 8-bit, and the
+# polyglot-ko shape twin 4-bit (untied) all within 5%.
+PREPACKED_SHARE = 0.2
+
+
+def tied_quantized_embedding_bytes(manifest: Manifest) -> int:
+    """Bytes of a quantized embedding shared with the LM head (0 when untied or left in float)."""
+    tied = any(record.results.get("tied_embedding_shared") for record in manifest.passes if record.name == "export")
+    quantize = next((record for record in manifest.passes if record.name == "quantize-int4"), None)
+    bits = {"int4": 4, "int8": 8}.get((quantize.config if quantize else {}).get("embedding"))
+    if not tied or not bits:
+        return 0
+    block = quantize.config.get("embedding_block_size") or quantize.config.get("block_size") or 32
+    return int(manifest.model.vocab_size * manifest.model.hidden_size * (bits / 8 + 2.5 / block))
+
+
 @dataclass
 class Budget:
-    """What a run should need: weights + KV cache + the biggest activations."""
+    """What a run should need: weights + KV cache + the biggest activations + pre-packed copy + runtime."""
 
     weights: int
     kv_cache: int
     activations: int
+    prepacked: int = 0
+    runtime: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations
+        return self.weights + self.kv_cache + self.activations + self.prepacked + self.runtime
 
 
 def kv_cache_bytes(manifest: Manifest, tokens: int) -> int:
@@ -145,6 +178,13 @@ def kv_cache_bytes(manifest: Manifest, tokens: int) -> int:
     info = manifest.model
     element = 2 if manifest.io.kv_dtype == "float16" else 4
     return 2 * info.num_layers * info.num_kv_heads * info.head_dim * tokens * element
+
+
+def kv_buffer_positions(manifest: Manifest, prompt_tokens: int, new_tokens: int) -> int:
+    """Positions of the in-place buffer: runtime.generate reserves prompt + new tokens at once (at least the
+    manifest's `io.kv_buffer_length`), never more than the model's context."""
+    wanted = max(prompt_tokens + new_tokens, manifest.io.kv_buffer_length or 0)
+    return min(wanted, manifest.model.max_positions)
 
 
 def predict_budget(manifest: Manifest, prompt_tokens: int, new_tokens: int,
@@ -155,13 +195,27 @@ def predict_budget(manifest: Manifest, prompt_tokens: int, new_tokens: int,
     a prefill's logits ([rows, vocab] float32) dominate activations for big vocabularies: measured on gemma-3-270m
     the transient peak is about 1.3x their size (docs/memory.md). Hidden states ([rows, hidden] a
     dozen times) and attention scores ([heads, rows, context]) come next. The KV cache is held twice
-    at a step boundary (past in, present out) unless the graph takes one buffer for both.
+    at a step boundary (past in, present out) unless the graph takes one buffer for both (fused export);
+    then it is the preallocated buffer, which grows by doubling. Quantized weights add their pre-packed copy.
     """
     info = manifest.model
     rows = min(prompt_tokens, prefill_chunk_for(manifest, prefill_chunk) or prompt_tokens)
     logits = int(1.3 * (1 if manifest.io.logits_to_keep else rows) * info.vocab_size * 4)
     hidden = rows * info.hidden_size * 4 * 16
     attention = rows * prompt_tokens * info.num_attention_heads * 4 * 2
-    kv = kv_cache_bytes(manifest, prompt_tokens + new_tokens)
-    copies = 1 if manifest.io.kv_shared_buffer else 2  # in place: one buffer is past and present
-    return Budget(weights=manifest.weight_bytes(), kv_cache=copies * kv, activations=logits + hidden + attention)
+    if manifest.io.kv_shared_buffer:  # in place: one buffer is past and present
+        kv = kv_cache_bytes(manifest, kv_buffer_positions(manifest, prompt_tokens, new_tokens))
+    else:
+        kv = 2 * kv_cache_bytes(manifest, prompt_tokens + new_tokens)
+    weights = manifest.weight_bytes()
+    prepacked = 0
+    if _quantized(manifest):
+        tied = tied_quantized_embedding_bytes(manifest)
+        prepacked = tied + int(PREPACKED_SHARE * max(weights - tied, 0))
+    return Budget(weights=weights, kv_cache=kv, activations=logits + hidden + attention, prepacked=prepacked,
+                  runtime=runtime_overhead(info.vocab_size))
+
+
+def _quantized(manifest: Manifest) -> bool:
+    """Bundles written before `quantized_weights` existed say it through their pass names."""
+    return manifest.quantized_weights or any(record.name.startswith("quantize") for record in manifest.passes)

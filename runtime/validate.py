@@ -217,7 +217,7 @@ def validate(folder: str | Path, config: ValidateConfig) -> ValidateReport:
 
 def _budget_dict(budget: Budget) -> dict:
     return {"weights": budget.weights, "kv_cache": budget.kv_cache, "activations": budget.activations,
-            "total": budget.total}
+            "prepacked": budget.prepacked, "runtime": budget.runtime, "total": budget.total}
 
 
 def _run_child(folder: str | Path, config: ValidateConfig, enforcer: Enforcer, report: ValidateReport) -> None:
@@ -327,7 +327,8 @@ def describe(report: ValidateReport) -> str:
         f"koedge validate {report.bundle}",
         f"  cap          {mib(report.cap_bytes)} via {report.mechanism}",
         f"  peak RSS     {mib(report.peak_rss_bytes):>12}   predicted {mib(budget['total'])} = weights "
-        f"{mib(budget['weights'])} + KV {mib(budget['kv_cache'])} + activations {mib(budget['activations'])}",
+        f"{mib(budget['weights'])} + KV {mib(budget['kv_cache'])} + activations {mib(budget['activations'])}"
+        f" + pre-packed {mib(budget.get('prepacked', 0))} + runtime {mib(budget.get('runtime', 0))}",
         f"  load         {sec(report.load_seconds):>12}",
         f"  TTFT         {sec(report.ttft_seconds, 'ms'):>12}   ({report.prompt_tokens} prompt tokens)",
         f"  decode       {speed:>12}"

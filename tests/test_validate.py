@@ -32,7 +32,8 @@ def test_budget_counts_kv_per_manifest(tiny_bundles):
     assert kv_cache_bytes(manifest, 100) == 2 * info.num_layers * info.num_kv_heads * info.head_dim * 100 * 4
     budget = predict_budget(manifest, 64, 32, prefill_chunk=0)
     assert budget.weights == manifest.weight_bytes() > 0
-    assert budget.total == budget.weights + budget.kv_cache + budget.activations
+    assert budget.total == budget.weights + budget.kv_cache + budget.activations + budget.prepacked + budget.runtime
+    assert budget.prepacked == 0 and budget.runtime > 0  # FP32: weights memory-mapped, nothing pre-packed
     assert predict_budget(manifest, 64, 32, prefill_chunk=16).activations < budget.activations
 
 

@@ -21,7 +21,7 @@ from exporter.export.sources import ResolvedModel, cache_root, resolve_model
 from runtime.bundle import MANIFEST, FileRecord, read_manifest, sha256_of, staged_folder
 from runtime.errors import KoedgeError
 
-BUILD_FORMAT = 1  # bump to invalidate every cached pass when pass semantics change
+BUILD_FORMAT = 2  # 2: the export is fused (GroupQueryAttention) by default. Bump to invalidate every cached pass when pass semantics change
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """`koedge plan`: will it fit? Weights + KV cache + activations per precision, from the config alone.
 
 The arithmetic, before any work: weights = parameters × bytes per weight (INT8/INT4 include their
-block scales), KV cache = 2 × layers × kv_heads × head_dim × tokens × bytes per element, activations =
+block scales; quantized weights add part of the copy onnxruntime pre-packs at load, a tied embedding all of it), KV cache
+= one buffer (the fused export writes it in place): 2 × layers × kv_heads × head_dim × tokens × bytes per element, activations =
 the logits of one prefill chunk plus a few hidden-size buffers, and a fixed runtime overhead measured for
 onnxruntime on this machine (libraries, arena-free session, tokenizer).
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import KoedgeError
+from runtime.memory import PREPACKED_SHARE, runtime_overhead
 from runtime.memory import parse_size  # noqa: F401  (re-exported for the CLI)
 
 GIB = 1024**3
@@ -20,7 +22,6 @@ GIB = 1024**3
 # 4-bit zero point per block = (32 × 4 + 16 + 4) / 32 bits.
 WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 4 / 640, "int4": (32 * 4 + 16 + 4) / 32 / 8}
 KV_BYTES = {"fp32": 4, "fp16": 2, "int8": 4, "int4": 4}  # quantized bundles keep an FP32 KV cache
-RUNTIME_OVERHEAD = 150 * 1024**2  # onnxruntime + numpy + tokenizer, measured resident without a model
 PREFILL_CHUNK = 512  # tokens whose logits exist at once during prefill
 
 
@@ -77,8 +78,11 @@ def plan(shape: ModelShape, context: int) -> list[PlanRow]:
         kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * context * KV_BYTES[precision]
         logits = min(context, PREFILL_CHUNK) * shape.vocab * 4
         hidden_buffers = 8 * min(context, PREFILL_CHUNK) * shape.hidden * 4
-        rows.append(PlanRow(precision, int(shape.parameters * per_weight), kv, logits + hidden_buffers,
-                            RUNTIME_OVERHEAD))
+        weights = int(shape.parameters * per_weight)
+        if precision in ("int8", "int4"):  # onnxruntime's pre-packed copy (runtime.memory.predict_budget)
+            tied = int(shape.embedding_parameters * per_weight) if shape.tied else 0
+            weights += tied + int(PREPACKED_SHARE * (weights - tied))
+        rows.append(PlanRow(precision, weights, kv, logits + hidden_buffers, runtime_overhead(shape.vocab)))
     return rows
 
 

@@ -12,7 +12,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     resolved = resolve_model(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
                              progress=progress)
-    config = ExportConfig(dtype=args.dtype, opset=args.opset, parity_tolerance=args.tolerance)
+    config = ExportConfig(dtype=args.dtype, opset=args.opset, parity_tolerance=args.tolerance,
+                          attention=args.attention, kv_dtype=args.kv_dtype)
     result = export_model(resolved, args.out, config, overwrite=args.overwrite, progress=progress)
     print(describe_export(result))
     return 0
@@ -27,6 +28,11 @@ def add_commands(commands) -> None:
                              "local checkpoint folder, or Hugging Face id")
     export.add_argument("--out", required=True, help="bundle folder to create")
     export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    export.add_argument("--attention", choices=["fused", "unfused"], default="fused",
+                        help="fused: one GroupQueryAttention per layer, KV cache written in place (default); "
+                             "unfused: Optimum's graph, for comparison")
+    export.add_argument("--kv-dtype", choices=["float32", "float16"], default="float32",
+                        help="KV cache element type; float16 halves it (fused attention only)")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: Optimum's choice)")
     export.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     export.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (hub models)")

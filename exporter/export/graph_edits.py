@@ -142,3 +142,62 @@ def add_logits_to_keep(model: onnx.ModelProto, logits: str = "logits") -> bool:
         if output.name == logits and len(output.type.tensor_type.shape.dim) == 3:
             output.type.tensor_type.shape.dim[1].dim_param = "logits_length"
     return True
+
+
+def name_present_dims(model: onnx.ModelProto) -> None:
+    """Give each `present.*` output the fixed KV-head and head-dim sizes of its `past_key_values.*` input.
+
+    The TorchScript exporter cannot infer a custom op's output shapes (GroupQueryAttention), so it names
+    them after the node; runners and the manifest expect the same numbers as the past's.
+    """
+    inputs = {item.name: item for item in model.graph.input}
+    for output in model.graph.output:
+        if not output.name.startswith("present."):
+            continue
+        past = inputs.get("past_key_values." + output.name[len("present."):])
+        if past is None:
+            continue
+        source, target = past.type.tensor_type.shape.dim, output.type.tensor_type.shape.dim
+        for axis in (1, 3):
+            if source[axis].HasField("dim_value"):
+                target[axis].dim_value = source[axis].dim_value
+
+
+def kv_in_float16(model: onnx.ModelProto) -> int:
+    """Make the KV cache float16: past inputs and present outputs of a fused graph exported with `half_kv`.
+
+    The exporter wrote Cast(past -> float16) before each GroupQueryAttention and Cast(present -> float32)
+    after it; the casts go, the inputs and outputs become float16, and the runtime binds float16 buffers
+    (still one buffer for past and present). Returns the number of KV tensors changed.
+    """
+    nodes = list(model.graph.node)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producers = {output: node for node in nodes for output in node.output}
+    changed = 0
+    for item in model.graph.input:
+        users = consumers.get(item.name, [])
+        if not item.name.startswith("past_key_values.") or len(users) != 1 or not _is_cast(users[0], 10):
+            continue
+        cast = users[0]
+        for user in consumers.get(cast.output[0], []):
+            user.input[:] = [item.name if name == cast.output[0] else name for name in user.input]
+        model.graph.node.remove(cast)
+        item.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+        changed += 1
+    for item in model.graph.output:
+        cast = producers.get(item.name)
+        if not item.name.startswith("present.") or cast is None or not _is_cast(cast, 1):
+            continue
+        source = producers[cast.input[0]]
+        source.output[:] = [item.name if name == cast.input[0] else name for name in source.output]
+        model.graph.node.remove(cast)
+        item.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+        changed += 1
+    return changed
+
+
+def _is_cast(node: onnx.NodeProto, to: int) -> bool:
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == to for a in node.attribute)
