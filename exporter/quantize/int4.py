@@ -519,7 +519,9 @@ def _probe_session(src: Path, outputs: list[str]):
     probe.graph.node.extend(reversed(kept))
     probe.graph.ClearField("output")
     probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
-    used = needed | {name for node in kept for name in node.input}
+    # Graph inputs stay (the feeds name them all), so their defaults stay too: an optional input such as
+    # logits_to_keep is an initializer of the same name, and without it the input would become required.
+    used = needed | {name for node in kept for name in node.input} | {item.name for item in probe.graph.input}
     initializers = [tensor for tensor in probe.graph.initializer if tensor.name in used]
     probe.graph.ClearField("initializer")
     probe.graph.initializer.extend(initializers)
