@@ -48,7 +48,13 @@ def _int8_config(args: argparse.Namespace):
 def cmd_quantize(args: argparse.Namespace) -> int:
     from exporter.quantize.bundle import format_report, quantize_bundle
 
-    config = _int4_config(args) if args.int4 else _int8_config(args)
+    if args.gguf:
+        from exporter.quantize.gguf import GgufConfig
+
+        config = GgufConfig(gguf=args.gguf, accuracy_level=args.accuracy_level)
+        config.check()
+    else:
+        config = _int4_config(args) if args.int4 else _int8_config(args)
     eval_config = None
     if args.eval_texts:
         from runtime.evaluate import EvalConfig
@@ -70,6 +76,9 @@ def add_commands(commands) -> None:
     method = parser.add_mutually_exclusive_group(required=True)
     method.add_argument("--int4", action="store_true", help="weight-only MatMulNBits + GatherBlockQuantized")
     method.add_argument("--int8-static", action="store_true", help="static INT8 QDQ with Korean calibration")
+    method.add_argument("--gguf", metavar="FILE", default=None,
+                        help="GGUF-exact: put back the quantized blocks of the .gguf this FP32 bundle was "
+                             "exported from (--accuracy-level 4 or 0)")
     int4 = parser.add_argument_group("INT4")
     int4.add_argument("--algo", choices=["rtn", "hqq", "gptq", "k_quant"], default="gptq",
                       help="block quantizer of the 4-bit weights (default gptq, calibrated on Korean text)")
