@@ -254,7 +254,7 @@ def test_tied_head_written_as_transpose_is_shared(tmp_path):
     model = onnx.load(str(src / "model.onnx"), load_external_data=False)
     # Whatever form the export chose, the quantized graph must read one table.
     forms = {node.op_type for node in model.graph.node if node.op_type in ("FusedMatMul", "Transpose")}
-    result = quantize_bundle(src, tmp_path / "q", Int4Config(algo="rtn", int8=[]), **QUIET)
+    result = quantize_bundle(src, tmp_path / "q", Int4Config(algo="rtn", int8=[], embedding="int4"), **QUIET)
     inits, quantized = _initializers(result.folder)
     table = [name for name in inits if name.endswith("_Q4") and inits[name].dims[0] == config.vocab_size]
     assert len(table) == 1, (forms, table)

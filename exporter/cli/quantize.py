@@ -12,7 +12,7 @@ def _int4_config(args: argparse.Namespace):
 
     config = Int4Config(algo=args.algo, block_size=args.block_size, symmetric=args.symmetric,
                         accuracy_level=args.accuracy_level, embedding=args.embedding,
-                        embedding_block_size=args.embedding_block_size)
+                        embedding_block_size=args.embedding_block_size, size_budget_mb=args.size_budget)
     if args.int8_matmuls is not None:
         config.int8 = [fragment for fragment in args.int8_matmuls.split(",") if fragment]
     if args.calib_source:
@@ -80,15 +80,19 @@ def add_commands(commands) -> None:
                         help="GGUF-exact: put back the quantized blocks of the .gguf this FP32 bundle was "
                              "exported from (--accuracy-level 4 or 0)")
     int4 = parser.add_argument_group("INT4")
-    int4.add_argument("--algo", choices=["rtn", "hqq", "gptq", "k_quant"], default="gptq",
-                      help="block quantizer of the 4-bit weights (default gptq, calibrated on Korean text)")
+    int4.add_argument("--algo", choices=["rtn", "hqq", "gptq", "k_quant", "best"], default="gptq",
+                      help="block quantizer of the 4-bit weights (default gptq, calibrated on Korean text; best: "
+                           "rtn or k_quant per MatMul, whichever has the smaller error on Korean activations)")
+    int4.add_argument("--size-budget", type=float, default=None, metavar="MB",
+                      help="bundle size in MB: every MatMul at 4 bits, then the most sensitive ones (measured on "
+                           "Korean calibration text) at 8 bits while the bundle fits; replaces --int8-matmuls")
     int4.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32, help="weights per scale")
     int4.add_argument("--symmetric", action="store_true", help="no zero points (rtn, gptq)")
     int4.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
                       help="MatMulNBits compute type (default 4: int8 activations, MLAS's fast path, "
                            "~50x faster decode for 8-bit blocks; 0: unset, float path)")
-    int4.add_argument("--embedding", choices=["int4", "int8", "fp32"], default="int4",
-                      help="embedding table and LM head (one shared tensor when tied; default int4)")
+    int4.add_argument("--embedding", choices=["int4", "int8", "fp32"], default="int8",
+                      help="embedding table and LM head (one shared tensor when tied; default int8)")
     int4.add_argument("--embedding-block-size", type=int, choices=[16, 32, 64, 128], default=None,
                       help="block size of the embedding table (default: --block-size)")
     int4.add_argument("--int8-matmuls", metavar="FRAGMENTS", default=None,

@@ -68,7 +68,12 @@ def _run_method(src: Path, folder: Path, method_config: Any, progress: Callable[
     if isinstance(method_config, GgufConfig):
         return gguf_exact(src, folder, method_config, progress)
     if isinstance(method_config, Int4Config):
-        return quantize_int4(src, folder, method_config, progress)
+        plan = None
+        if method_config.size_budget_mb or method_config.algo == "best":
+            from exporter.quantize.mixed import plan_bits
+
+            plan = plan_bits(src, method_config, progress)
+        return quantize_int4(src, folder, method_config, progress, plan)
     from exporter.quantize.int8 import quantize_int8_static
 
     return quantize_int8_static(src, folder, method_config, progress)

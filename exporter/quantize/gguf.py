@@ -37,18 +37,25 @@ FINGERPRINT_ROWS = 8192
 
 @dataclass
 class GgufConfig:
-    """Measured on gemma-3-270m (docs/quantization.md): accuracy_level 4 decodes fastest."""
+    """Defaults measured on gemma-3-270m and SmolLM2 (docs/quantization.md): int8 activations for the 8-bit
+    forms (as fast as the 8-bit phone recipe), float activations for the 4-bit ones (exact, still fast)."""
 
     gguf: str = ""  # the .gguf file the FP32 bundle was dequantized from
-    # 4: int8 activations (MLAS's fast path; costs a little KL); 0: float activations, exact to fp32 rounding
+    # MatMulNBits compute of the 5-8-bit codes: 4 int8 activations (MLAS's fast path; costs a little KL),
+    # 0 float activations (exact to fp32 rounding; the codes split into two 4-bit planes)
     accuracy_level: int = 4
+    accuracy_level_4bit: int = 0  # the same for 4-bit codes (Q4_0, Q4_1, Q4_K): float activations are fast there
 
     def check(self) -> None:
         if not self.gguf:
             raise KoedgeError("the GGUF-exact pass needs the .gguf file the bundle was exported from")
-        if self.accuracy_level not in (0, 1, 4):
-            raise KoedgeError(f"GGUF-exact accuracy level {self.accuracy_level}: choose 4 (int8 activations) "
-                              f"or 0 (float activations)")
+        for level in (self.accuracy_level, self.accuracy_level_4bit):
+            if level not in (0, 4):
+                raise KoedgeError(f"GGUF-exact accuracy level {level}: choose 4 (int8 activations) "
+                                  f"or 0 (float activations)")
+
+    def level(self, codes: Codes) -> int:
+        return self.accuracy_level if codes.bits == 8 else self.accuracy_level_4bit
 
 
 # --- matching rows ------------------------------------------------------------------------------------------------
@@ -138,14 +145,15 @@ class Edit:
                 for i, part in enumerate(parts)]
 
     def matmul(self, node_name: str, activation: str, output: str, parts: list[Packed], names: list[list[str]],
-               n: int, mins: np.ndarray | None, block: int) -> list[onnx.NodeProto]:
+               n: int, mins: np.ndarray | None, block: int, level: int | None = None) -> list[onnx.NodeProto]:
         """output = Σ MatMulNBits(activation, part) - (activation·P)·mins  (mins: [K/block, N])."""
+        level = self.accuracy_level if level is None else level
         nodes, terms = [], []
         for i, (part, part_names) in enumerate(zip(parts, names)):
             term = output if len(parts) == 1 and mins is None else f"{output}_gguf{i}"
             attrs = dict(K=part.k, N=n, bits=part.bits, block_size=part.block_size)
-            if self.accuracy_level:
-                attrs["accuracy_level"] = self.accuracy_level
+            if level:
+                attrs["accuracy_level"] = level
             nodes.append(helper.make_node("MatMulNBits", [activation, *part_names], [term], name=f"{node_name}_Q{i}",
                                           domain="com.microsoft", **attrs))
             terms.append(term)
@@ -208,14 +216,15 @@ class Edit:
 
 # --- the pass -----------------------------------------------------------------------------------------------------
 
-def _replace_table(edit: Edit, index: RowIndex, reader: WeightReader, table: Table, stats: dict) -> set[str]:
+def _replace_table(edit: Edit, index: RowIndex, reader: WeightReader, table: Table, stats: dict,
+                   config: GgufConfig) -> set[str]:
     """The embedding (and a tied LM head reading it): one set of quantized tensors for both. Returns handled nodes."""
     found = index.match(np.asarray(reader.array(table.weight)))
     if found is None:
         return set()
     name, codes = found
     vocab, hidden = codes.codes.shape
-    parts = planes(codes, edit.accuracy_level)
+    parts = planes(codes, config.level(codes))
     names = edit.add_planes(table.weight, parts)
     row_mins = None if codes.mins is None else np.ascontiguousarray(codes.mins)
     edit.writer.swap(table.gather, edit.gather(table.weight, table.gather.input[1], table.gather.output[0], parts,
@@ -225,7 +234,7 @@ def _replace_table(edit: Edit, index: RowIndex, reader: WeightReader, table: Tab
         head = table.lm_head
         mins = None if row_mins is None else np.ascontiguousarray(row_mins.T)
         edit.writer.swap(head, edit.matmul(head.name or "lm_head", head.input[0], head.output[0], parts, names, vocab,
-                                           mins, codes.block))
+                                           mins, codes.block, config.level(codes)))
         if table.transpose is not None:
             edit.writer.swap(table.transpose, [])
         handled.add(head.name)
@@ -256,7 +265,7 @@ def gguf_exact(src: str | Path, dst: str | Path, config: GgufConfig, progress: C
     writer = GraphWriter(model, config)
     edit = Edit(writer, config.accuracy_level)
     stats = {"matched": {}, "tensors": [], "float_bytes": 0, "quant_bytes": 0}
-    handled = _replace_table(edit, index, reader, table, stats) if table else set()
+    handled = _replace_table(edit, index, reader, table, stats, config) if table else set()
     matmuls = [node for node in matmuls if not (table and table.tied and node is table.lm_head and handled)]
     progress(f"matching {len(matmuls)} MatMul weights against the GGUF's blocks")
     unmatched = []
@@ -267,11 +276,11 @@ def gguf_exact(src: str | Path, dst: str | Path, config: GgufConfig, progress: C
             unmatched.append(node.name)
             continue
         name, codes = found
-        parts = planes(codes, config.accuracy_level)
+        parts = planes(codes, config.level(codes))
         names = edit.add_planes(node.input[1], parts)
         mins = None if codes.mins is None else np.ascontiguousarray(codes.mins.T)
         writer.swap(node, edit.matmul(node.name, node.input[0], node.output[0], parts, names, weight.shape[1], mins,
-                                      codes.block), dropped=node.input[1])
+                                      codes.block, config.level(codes)), dropped=node.input[1])
         _count(stats, name, codes, parts, weight.shape)
     if not stats["tensors"]:
         raise KoedgeError(f"no weight of {src} equals a quantized tensor of {Path(config.gguf).name}: "
