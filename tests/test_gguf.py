@@ -255,3 +255,21 @@ def test_manifest_records_the_pass(tiny_gguf, tmp_path):
     names = [record["name"] for record in manifest["passes"]]
     assert names[-2:] == ["export", "gguf-exact"] and manifest["quantized_weights"]
     assert CausalLM(folder).manifest.passes[-1].results["tensors_exact"] > 0
+
+
+@pytest.mark.slow
+def test_gemma_gguf_exact_matches_its_fp32_export(gemma_checkpoint, gemma_bundle, tmp_path):
+    """gemma-3-270m's Q4_K_M: every quantized tensor carried over; with float activations the logits are the
+    FP32 export's (KL <= 1e-3, greedy tokens identical), and the bundle is a third of the FP32 one."""
+    from exporter.export.parity import compare_bundles
+    from exporter.quantize.bundle import bundle_bytes, quantize_bundle
+
+    assert gemma_checkpoint.gguf is not None
+    config = GgufConfig(gguf=str(gemma_checkpoint.gguf), accuracy_level=0)
+    result = quantize_bundle(gemma_bundle, tmp_path / "exact", config, progress=lambda message: None, evaluate=False)
+    results = result.report["results"]
+    assert results["types"] == {"Q8_0": 10, "Q5_0": 81, "Q4_K": 27, "Q6_K": 9} and results["tied_shared"]
+    assert results["matmuls_float"] == [] and results["gguf_tensors_unused"] == []
+    parity = compare_bundles(gemma_bundle, result.folder)
+    assert parity["kl"] <= 1e-3 and parity["same_greedy"] and parity["same_top1"] >= 0.99, parity
+    assert bundle_bytes(result.folder) < 0.4 * bundle_bytes(gemma_bundle)

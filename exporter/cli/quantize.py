@@ -91,8 +91,8 @@ def add_commands(commands) -> None:
     int4.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
                       help="MatMulNBits compute type (default 4: int8 activations, MLAS's fast path, "
                            "~50x faster decode for 8-bit blocks; 0: unset, float path)")
-    int4.add_argument("--embedding", choices=["int4", "int8", "fp32"], default="int8",
-                      help="embedding table and LM head (one shared tensor when tied; default int8)")
+    int4.add_argument("--embedding", choices=["int4", "int8", "fp32"], default="int4",
+                      help="embedding table and LM head (one shared tensor when tied; default int4)")
     int4.add_argument("--embedding-block-size", type=int, choices=[16, 32, 64, 128], default=None,
                       help="block size of the embedding table (default: --block-size)")
     int4.add_argument("--int8-matmuls", metavar="FRAGMENTS", default=None,

@@ -34,8 +34,8 @@ CHUNK_ROWS = 16384  # output channels quantized at once: bounds the quantizers' 
 
 @dataclass
 class Int4Config:
-    """Defaults measured on gemma-3-270m (docs/quantization.md): 8-bit embedding/LM head and MatMuls; a size
-    budget puts MatMuls at 4 bits except the most sensitive ones (exporter/quantize/mixed.py)."""
+    """Defaults measured on gemma-3-270m (docs/quantization.md): GPTQ 4-bit embedding/LM head, 8-bit MatMuls.
+    A size budget puts MatMuls at 4 bits except the most sensitive ones (exporter/quantize/mixed.py)."""
 
     algo: str = "gptq"  # rtn | hqq | gptq | k_quant: the quantizer of the 4-bit weights
     block_size: int = 32  # weights per scale, along K
@@ -43,7 +43,7 @@ class Int4Config:
     # MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations. 4 is MLAS's only fast
     # CPU path for 8-bit blocks: gemma-3-270m all-8-bit decodes at 40 tok/s with it, 0.8 without.
     accuracy_level: int = 4
-    embedding: str = "int8"  # int4 | int8 | fp32: the embedding table and the LM head (shared when tied)
+    embedding: str = "int4"  # int4 | int8 | fp32: the embedding table and the LM head (shared when tied)
     embedding_block_size: int | None = None  # None: block_size
     int8: list[str] = field(default_factory=lambda: ["/"])  # MatMul name fragments kept at 8 bits; "/": all
     calib_source: str = "ko"  # gptq: Korean calibration texts (split "calib") or a .txt/.jsonl file
