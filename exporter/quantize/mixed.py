@@ -94,6 +94,21 @@ def plan_bits(src: Path, config, progress: Callable[[str], None]) -> dict[str, t
     reader = WeightReader(model, src)
     table = find_table(model, reader)
     targets = _matmul_targets(model, reader, table)
+    available = None
+    if config.size_budget_mb:  # checked before the (minutes long) measurement
+        table_bytes = 0
+        quantized = {node.input[1] for node in targets}
+        if table is not None:
+            vocab, hidden = reader.shape(table.weight)
+            bits = {"int4": 4, "int8": 8}.get(config.embedding)
+            one = packed_bytes(hidden, vocab, bits, config.embedding_block_size or config.block_size) if bits \
+                else vocab * hidden * 4
+            table_bytes = one * (1 if table.tied or table.lm_head is None else 2)
+            quantized |= {table.weight, table.lm_weight}
+        # + what grows besides the weights: new nodes and the manifest's record of the mix
+        floor = fixed_bytes(src, model, quantized, table_bytes) + 4096 + 400 * len(targets) + sum(
+            packed_bytes(*reader.shape(node.input[1]), 4, config.block_size) for node in targets)
+        available = check_budget(config.size_budget_mb, floor)
     moments = input_moments(src, sorted({node.input[0] for node in targets}), config.calib_source,
                             config.sensitivity_samples, progress)
     algos = CANDIDATES if config.algo == "best" else ("rtn" if config.algo == "gptq" else config.algo,)
@@ -110,19 +125,8 @@ def plan_bits(src: Path, config, progress: Callable[[str], None]) -> dict[str, t
         k, n = w.shape
         candidates.append((node.name, errors[best] - error8, packed_bytes(k, n, 8, block) - packed_bytes(k, n, 4, block)))
         choice[node.name] = best if config.algo == "best" else config.algo
-    if config.size_budget_mb:
-        table_bytes = 0
-        quantized = {node.input[1] for node in targets}
-        if table is not None:
-            vocab, hidden = reader.shape(table.weight)
-            bits = {"int4": 4, "int8": 8}.get(config.embedding)
-            one = packed_bytes(hidden, vocab, bits, config.embedding_block_size or block) if bits else vocab * hidden * 4
-            table_bytes = one * (1 if table.tied or table.lm_head is None else 2)
-            quantized |= {table.weight, table.lm_weight}
-        # + what grows besides the weights: new nodes and the manifest's record of the mix
-        floor = fixed_bytes(src, model, quantized, table_bytes) + 4096 + 400 * len(targets) + sum(
-            packed_bytes(*reader.shape(node.input[1]), 4, block) for node in targets)
-        int8 = choose_int8(candidates, check_budget(config.size_budget_mb, floor))
+    if available is not None:
+        int8 = choose_int8(candidates, available)
         progress(f"size budget {config.size_budget_mb:g} MB: {len(int8)} of {len(targets)} MatMuls at 8 bits")
     else:
         int8 = {node.name for node in targets if _bits_for(node, config) == 8}
