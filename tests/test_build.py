@@ -12,7 +12,7 @@ import pytest
 
 from conftest import requires_data
 from exporter.recipes import load_recipe, parse_recipe, shipped_recipes
-from runtime.bundle import read_manifest
+from runtime.bundle import read_manifest, verify_files
 from runtime.errors import KoedgeError
 
 RECIPE = """
@@ -56,6 +56,8 @@ def test_build_caches_each_pass(tiny_checkpoints, cache, tmp_path):
     assert [item["pass"] for item in report["passes"]] == ["export", "quantize-int4", "validate", "eval"]
     assert report["passes"][2]["results"]["passed"] is True
     assert report["passes"][3]["results"]["bundle"]["kl_mean"] >= 0
+    assert verify_files(out, manifest) == []  # the file table describes the published report too
+    assert "report.json" in manifest.files
     summary = format_summary(parse_recipe(RECIPE.format(samples=2), "tiny"), first)
     assert "PASS" in summary
     # Copies, not hard links: onnx refuses external data in a multiply-linked file, which would

@@ -57,7 +57,7 @@ def fixed_bundle(folder: Path, bias: np.ndarray) -> Path:
          numpy_helper.from_array(np.array([-1], np.int64), "last_axis"),
          numpy_helper.from_array(bias.astype(np.float32), "bias")])
     folder.mkdir(parents=True)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "model.onnx")
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), folder / "model.onnx")
     byte_tokenizer().save(str(folder / "tokenizer.json"))
     io = IOContract(inputs=[TensorSpec("input_ids", "int64", ["batch", "sequence"]),
                             TensorSpec("attention_mask", "int64", ["batch", "total"])],

@@ -64,7 +64,8 @@ def _gqa_graph(vocab: int, hidden: int, path) -> None:
         h = f"h{layer + 1}"
     nodes.append(helper.make_node("MatMul", [h, "lm_head"], ["logits"]))
     graph = helper.make_graph(nodes, "tiny-gqa", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
 

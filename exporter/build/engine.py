@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from exporter.recipes import PassSpec, Recipe
 from exporter.export.sources import ResolvedModel, cache_root, resolve_model
-from runtime.bundle import read_manifest, staged_folder
+from runtime.bundle import MANIFEST, FileRecord, read_manifest, sha256_of, staged_folder
 from runtime.errors import KoedgeError
 
 BUILD_FORMAT = 2  # bump to invalidate every cached pass when pass semantics change (2: export dtype auto = gguf)
@@ -289,6 +289,10 @@ def _publish(bundle: Path, out: Path, recipe: Recipe, model: ResolvedModel, outc
         }
         (staging / "report.json").unlink(missing_ok=True)
         (staging / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+        manifest = read_manifest(staging)  # the file table must describe the report as it is now
+        path = staging / "report.json"
+        manifest.files["report.json"] = FileRecord(path.stat().st_size, sha256_of(path))
+        (staging / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
 
 
 def _mb(value: float | None) -> str:

@@ -397,7 +397,7 @@ SHAPES_KEY = "koedge_layer_shapes"
 def record_shapes(model) -> bool:
     """Put the layer shapes into the config. Uniform FFN widths with untouched heads fit the standard
     config (plain transformers loads it); anything else is written to `koedge_layer_shapes`, which
-    `load_pruned` (through exporter.export.load_torch_model) understands. True if shapes were needed."""
+    `load_pruned` (through exporter.export.convert.load_torch_model) understands. True if shapes were needed."""
     config = model.config
     shapes = layer_shapes(model)
     widths = {s["intermediate_size"] for s in shapes}
