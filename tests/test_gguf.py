@@ -273,3 +273,25 @@ def test_gemma_gguf_exact_matches_its_fp32_export(gemma_checkpoint, gemma_bundle
     parity = compare_bundles(gemma_bundle, result.folder)
     assert parity["kl"] <= 1e-3 and parity["same_greedy"] and parity["same_top1"] >= 0.99, parity
     assert bundle_bytes(result.folder) < 0.4 * bundle_bytes(gemma_bundle)
+
+
+def test_a_recipe_on_a_gguf_source_exports_exact_and_does_not_requantize(tiny_gguf, tmp_path, monkeypatch):
+    """export with the default dtype (auto) gives the GGUF-exact bundle and keeps the FP32 export as the
+    reference; the recipe's quantize pass is skipped, with its reason in the results."""
+    import exporter.build.engine as engine
+    from exporter.export.sources import ResolvedModel
+    from exporter.recipes import parse_recipe
+    from runtime.bundle import read_manifest
+
+    fp32, gguf = tiny_gguf
+    checkpoint = fp32.parent / "checkpoint"
+    monkeypatch.setenv("KOEDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(engine, "resolve_model", lambda name, progress=None: ResolvedModel(
+        "tiny-gguf", checkpoint, "gguf", revision="sha256:test", gguf=gguf))
+    recipe = parse_recipe('[[passes]]\npass = "export"\n\n[[passes]]\npass = "quantize-int4"\nalgo = "rtn"\n', "t")
+    outcomes = engine.run_recipe("tiny-gguf", recipe, tmp_path / "out", progress=lambda message: None)
+    export, quantize = outcomes
+    assert "GGUF-exact" in quantize.results["skipped"]
+    assert [record.name for record in read_manifest(tmp_path / "out").passes][-2:] == ["export", "gguf-exact"]
+    reference = Path(export.results["reference"])
+    assert read_manifest(reference).passes[-1].name == "export" and reference.name.endswith("-export-fp32")
