@@ -81,7 +81,7 @@ def run_export(state: BuildState, spec: PassSpec, out: Path, progress: Callable[
     if state.model_passes:  # pruning passes rewrote the checkpoint
         # Vocabulary pruning keeps whole rows of the GGUF's tensors, so the GGUF-exact form still applies;
         # structured pruning cuts rows into pieces that no longer match the GGUF's blocks.
-        vocab_only = all(spec.name == "prune-vocab" for spec in state.model_passes)
+        vocab_only = all(done.name == "prune-vocab" for done in state.model_passes)
         source = ResolvedModel(state.model.name, state.checkpoint, state.model.source, state.model.revision,
                                state.model.trust_remote_code, list(state.model.notes),
                                gguf=state.model.gguf if vocab_only else None)
