@@ -81,6 +81,9 @@ class SpecialTokens:
     eos_token_ids: list[int]
     pad_token_id: int | None
     chat_template: bool = False
+    # the template's turns as plain text (runtime/chat.py ChatFormat) plus "end_of_turn_ids", for runners
+    # without Jinja (the phone app); None when the bundle has no template or its turns are not fixed text
+    chat_format: dict | None = None
 
 
 @dataclass

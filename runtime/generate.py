@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from runtime.chat import render_template
 from runtime.errors import KoedgeError
 from runtime.kvcache import BoundCache, NumpyCache
 from runtime.memory import prefill_chunk_for, prefill_heap
@@ -226,23 +227,8 @@ def render_chat(lm: CausalLM, messages: list[dict[str, str]]) -> list[int]:
     template = chat_template(lm)
     if template is None:
         raise KoedgeError(f"bundle {lm.folder} has no chat template; run without --chat")
-    try:
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError as err:
-        raise KoedgeError("chat templates need jinja2: pip install jinja2") from err
-
-    def raise_exception(message: str) -> None:
-        raise KoedgeError(f"chat template: {message}")
-
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.globals["raise_exception"] = raise_exception
     tokens = lm.manifest.tokens
     bos = lm.tokenizer.id_to_token(tokens.bos_token_id) if tokens.bos_token_id is not None else ""
     eos = lm.tokenizer.id_to_token(tokens.eos_token_ids[0]) if tokens.eos_token_ids else ""
-    try:
-        text = environment.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                        bos_token=bos or "", eos_token=eos or "")
-    except TemplateError as err:
-        raise KoedgeError(f"chat template failed: {err}") from err
+    text = render_template(template, messages, bos or "", eos or "")
     return lm.tokenizer.encode(text, add_special_tokens=False).ids  # the template writes BOS itself

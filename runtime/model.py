@@ -116,8 +116,8 @@ class CausalLM:
         if self.manifest.io.uses_position_ids:
             positions = np.arange(past_length, past_length + seq, dtype=np.int64)
             feeds["position_ids"] = np.broadcast_to(positions, (batch, seq)).copy()
-        if last_only and self.keeps_last_logits:
-            feeds[self.manifest.io.logits_to_keep] = np.ones(1, np.int64)
+        if self.keeps_last_logits:  # 1: the LM head on the last position only; 0: every position
+            feeds[self.manifest.io.logits_to_keep] = np.full(1, 1 if last_only else 0, np.int64)
         return feeds
 
     def step(self, input_ids: np.ndarray, past: Past, last_only: bool = False) -> StepOutput:

@@ -254,3 +254,30 @@ def test_engine_equals_koedge_run_on_gemma(which, gemma_bundle, gemma_phone_bund
         assert got["prompt"] == ids and got["tokens"] == tokens
         if prompt is long_prompt:
             assert len(ids) > 512, len(ids)  # past the sliding window, and two prefill chunks
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_chat_turn_format_from_the_manifest(tiny_checkpoints, tiny_bundles, engine_jar, tmp_path):
+    """The exporter renders the chat template into `tokens.chat_format`; the jar's --chat (no Jinja) then
+    prints what `koedge run --chat` (the template itself) prints."""
+    from exporter.export.convert import export_model
+    from exporter.export.sources import resolve_model
+    from runtime.bundle import read_manifest
+
+    checkpoint = tmp_path / "llama-chat"
+    shutil.copytree(tiny_checkpoints["llama"], checkpoint)
+    config_file = checkpoint / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["chat_template"] = CHATML
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    bundle = tmp_path / "bundle"
+    export_model(resolve_model(str(checkpoint)), bundle, progress=lambda message: None)
+    chat = read_manifest(bundle).tokens.chat_format
+    assert chat["first_user_prefix"] == "<|im_start|>user\n"
+    assert chat["assistant_prefix"] == "<|im_end|>\n<|im_start|>assistant\n"
+    assert_same_run(engine_jar, bundle, KOREAN_PROMPT, "--chat", "--max-new-tokens", "24", "--ignore-eos")
+    plain = run_jar(engine_jar, str(tiny_bundles["llama"]), KOREAN_PROMPT, "--chat")  # no template: refused
+    assert plain.returncode != 0 and b"no chat turn format" in plain.stderr and b"Exception" not in plain.stderr

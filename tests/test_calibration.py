@@ -52,11 +52,12 @@ def test_reader_yields_prefill_then_decode_with_fp32_past(tiny, lines_file):
     assert len(feeds) == len(reader) == 2 * 3
     info = tiny.manifest.model
     key = tiny.manifest.io.past_key.format(layer=0)
-    names = set(tiny.manifest.io.input_names()) - {tiny.manifest.io.logits_to_keep}  # optional: all positions
+    names = set(tiny.manifest.io.input_names())  # logits_to_keep included: 0, every position's logits
     first = sequences[0]
     prefill, step1, step2 = feeds[:3]
     assert set(prefill) == names and set(step1) == names
     assert prefill["input_ids"].shape == (1, first.prefill)
+    assert prefill[tiny.manifest.io.logits_to_keep].tolist() == [0]
     assert prefill[key].shape == (1, info.num_kv_heads, 0, info.head_dim)
     assert step1["input_ids"].shape == (1, 1) and step1["input_ids"][0, 0] == first.ids[first.prefill]
     assert step1[key].shape == (1, info.num_kv_heads, first.prefill, info.head_dim)

@@ -18,6 +18,8 @@ from typing import Callable
 
 from runtime.bundle import (LOGITS_TO_KEEP, IOContract, Manifest, ModelInfo, PassRecord, SpecialTokens, TensorSpec,
                             staged_folder, write_manifest)
+from runtime.chat import derive_chat_format
+from runtime.generate import END_OF_TURN
 from runtime.errors import KoedgeError
 from exporter.export.architectures import TASK, check_exportable, register_koedge_architectures
 from exporter.export.sources import ResolvedModel
@@ -133,8 +135,15 @@ def _special_tokens(model, tokenizer) -> SpecialTokens:
     bos = getattr(generation, "bos_token_id", None) if generation else None
     bos = bos if bos is not None else tokenizer.bos_token_id
     add_bos = getattr(tokenizer, "add_bos_token", True)
+    chat_format = None
+    if isinstance(tokenizer.chat_template, str):
+        found = derive_chat_format(tokenizer.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "")
+        if found:  # with the ids a reply stops at, as `koedge run --chat` stops (runtime.generate.END_OF_TURN)
+            vocab = tokenizer.get_vocab()
+            chat_format = {**found.to_dict(), "end_of_turn_ids": sorted({vocab[t] for t in END_OF_TURN if t in vocab})}
     return SpecialTokens(bos_token_id=bos if add_bos is not False else None, eos_token_ids=eos_ids,
-                         pad_token_id=tokenizer.pad_token_id, chat_template=bool(tokenizer.chat_template))
+                         pad_token_id=tokenizer.pad_token_id, chat_template=bool(tokenizer.chat_template),
+                         chat_format=chat_format)
 
 
 def _optimum_export(model, workdir: Path, config: ExportConfig) -> Path:

@@ -112,21 +112,21 @@ def _lm_head(model: onnx.ModelProto, logits: str) -> onnx.NodeProto | None:
 
 
 def add_logits_to_keep(model: onnx.ModelProto, logits: str = "logits") -> bool:
-    """Give the graph an optional input `logits_to_keep` (int64 [1], default 0 = every position).
+    """Give the graph an input `logits_to_keep` (int64 [1]): 0 = every position, 1 = the last only.
 
     With 1 the LM head runs on the last position only. Generation needs nothing else, and for a
     262k vocabulary the head is most of a prefill's work (gemma-3-270m: 168M multiply-adds per
     position vs 100M for its 18 layers) and its output the biggest tensor (512 positions = 512 MiB).
-    Evaluation keeps the default. Implemented as Slice(hidden, -k, +inf) on the sequence axis
-    before the head; -0 = 0 keeps everything. Returns False when no LM head is recognised.
+    Evaluation feeds 0. Implemented as Slice(hidden, -k, +inf) on the sequence axis before the
+    head; -0 = 0 keeps everything. A plain required input, not an initializer with a default: the
+    onnxruntime Java API (the phone app) refuses to feed such "overridable" initializers.
+    Returns False when no LM head is recognised.
     """
     head = _lm_head(model, logits)
     if head is None or any(item.name == LOGITS_TO_KEEP for item in model.graph.input):
         return False
     hidden = head.input[0]
     sliced = f"{hidden}/last_positions"
-    default = numpy_helper.from_array(np.zeros(1, np.int64), LOGITS_TO_KEEP)
-    model.graph.initializer.append(default)  # an initializer that is also an input: overridable
     model.graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, onnx.TensorProto.INT64, [1]))
     model.graph.initializer.extend([
         numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), f"{sliced}/end"),

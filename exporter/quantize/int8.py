@@ -570,6 +570,7 @@ class _Feeds:
         self.manifest = manifest
 
     feeds = CausalLM.feeds
+    keeps_last_logits = CausalLM.keeps_last_logits
     empty_past = CausalLM.empty_past
     kv_names = CausalLM.kv_names
     kv_dtype = CausalLM.kv_dtype

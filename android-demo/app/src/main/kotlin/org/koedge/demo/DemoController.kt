@@ -93,9 +93,15 @@ class DemoController(
         busy = true
         worker.execute(Task {
             try {
-                val ids = current.encode(prompt)
+                // A bundle with a chat turn format (instruction-tuned) gets the prompt as one user turn, as
+                // `koedge run --chat` does; plain continuation otherwise.
+                val chat = current.manifest.tokens.chatFormat
+                val ids = if (chat != null) current.encode(chat.prompt(listOf(prompt)), addBos = false)
+                    else current.encode(prompt)
                 current.checkPrompt(ids)
-                val result = current.generate(ids, SamplingConfig(maxNewTokens = maxNewTokens, repetitionPenalty = 1.2)) { piece ->
+                val config = SamplingConfig(maxNewTokens = maxNewTokens, repetitionPenalty = 1.2,
+                    stopTokenIds = chat?.endOfTurnIds ?: emptyList())
+                val result = current.generate(ids, config) { piece ->
                     post(Runnable { listener.onText(piece) })
                 }
                 val stats = stats(result)
@@ -140,6 +146,8 @@ class DemoController(
             lines.add("bundle ${mib(manifest.files.values.sumOf { it.bytes })} · context ${info.maxPositions} · " +
                 "vocabulary ${info.vocabSize}")
             lines.add("passes: " + manifest.passes.joinToString(" → ") { it.name }.ifEmpty { "export" })
+            lines.add(if (manifest.tokens.chatFormat != null) "chat: the prompt is one user turn (the model's chat format)"
+                else "completion: the model continues the prompt")
             val budget = Budget.predict(manifest, PROMPT_TOKENS, NEW_TOKENS)
             lines.add("predicted memory at $PROMPT_TOKENS + $NEW_TOKENS tokens: ${mib(budget.total)}")
             if (report != null && report.isFile) lines.addAll(measured(report))

@@ -92,6 +92,8 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
     private val vocab: Int
     private val positionSize: Int // kv_heads * head_dim elements per position
     private val prefillChunk: Int?
+    /** The graph input that asks for the last position's logits only, when the graph really takes it as a feed. */
+    private var lastOnlyInput: String? = null
     @Volatile private var cancelled = false
 
     /** Decode steps timed so far, and their nanoseconds inside onnxruntime vs in the whole step (tensors, copies). */
@@ -205,8 +207,8 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
         val graphInputs = session.inputNames
         val declared = io.inputs.map { it.name }.toSet()
         val graphOnly = graphInputs - declared
-        // logits_to_keep is an initializer that is also an input ("overridable"): the Java API does not list
-        // those, so the manifest may name it where the graph listing does not (runtime/model.py unions them)
+        // Bundles exported before logits_to_keep became a plain input hold it as an initializer that is also an
+        // input ("overridable"): the Java API neither lists nor feeds those, so such a graph computes every position.
         val manifestOnly = declared - graphInputs - setOfNotNull(io.logitsToKeep)
         if (graphOnly.isNotEmpty() || manifestOnly.isNotEmpty()) {
             throw ContractMismatchException("manifest does not match the ONNX inputs (manifest only: " +
@@ -218,28 +220,7 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
         val inputs = listOf("input_ids", "attention_mask") + pastNames + (if (io.usesPositionIds) listOf("position_ids") else emptyList())
         val absent = inputs.filter { it !in declared }
         if (absent.isNotEmpty()) throw ContractMismatchException("the manifest lacks the inputs ${absent.take(3)}")
-        io.logitsToKeep?.let { if (it !in graphInputs) allowOverridableInput(it) }
-    }
-
-    /**
-     * The Java API checks feed names against the graph's *required* inputs, which leave out overridable
-     * initializers such as the exporter's `logits_to_keep`; onnxruntime's C API takes them as feeds (Python
-     * does it). Add the name to the session's checked set. Without it a prefill would compute logits for
-     * every position (512 x 262,144 floats = 512 MiB on gemma) and differ from the Python path.
-     */
-    private fun allowOverridableInput(name: String) {
-        try {
-            val names = OrtSession::class.java.getDeclaredField("inputNames")
-            names.isAccessible = true
-            @Suppress("UNCHECKED_CAST")
-            val current = names.get(session) as Set<String>
-            names.set(session, java.util.Collections.unmodifiableSet(LinkedHashSet(current + name)))
-            val count = OrtSession::class.java.getDeclaredField("numInputs")
-            count.isAccessible = true
-            count.setLong(session, count.getLong(session) + 1)
-        } catch (err: ReflectiveOperationException) {
-            throw ContractMismatchException("this onnxruntime Java API cannot feed the optional input '$name' ($err)")
-        }
+        lastOnlyInput = io.logitsToKeep?.takeIf { it in graphInputs }
     }
 
     // --- the KV cache ---------------------------------------------------------------------------------------------
@@ -304,7 +285,7 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
         val callStart = System.nanoTime()
         var ortNanos = 0L
         val seq = to - from
-        val rows = if (io.logitsToKeep != null) 1 else seq
+        val rows = if (lastOnlyInput != null) 1 else seq
         val owned = ArrayList<OnnxTensor>()
         try {
             val feeds = LinkedHashMap<String, OnnxTensor>()
@@ -313,7 +294,7 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
             if (io.usesPositionIds) {
                 feeds["position_ids"] = longs(owned, LongArray(seq) { (length + it).toLong() }, longArrayOf(1, seq.toLong()))
             }
-            io.logitsToKeep?.let { feeds[it] = longs(owned, longArrayOf(1L), longArrayOf(1)) }
+            lastOnlyInput?.let { feeds[it] = longs(owned, longArrayOf(1L), longArrayOf(1)) }
             val pinned = LinkedHashMap<String, OnnxValue>()
             val logitsBuffer: ByteBuffer
             if (rows == 1) {

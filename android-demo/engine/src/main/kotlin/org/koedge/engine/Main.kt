@@ -18,6 +18,7 @@ options:
   --seed S                random seed for sampling (java.util.SplittableRandom: not numpy's stream)
   --stop TEXT             stop at this text (repeatable)
   --ignore-eos            do not stop at the end-of-sequence token
+  --chat                  the prompt as one user turn in the bundle's chat format (manifest tokens.chat_format)
   --threads N             onnxruntime threads (default: all cores)
   --prefill-chunk N|auto  prompt tokens per call (default auto, as the Python runtime; 0 = one call)
   --prompt-file FILE      read the prompt from a UTF-8 file (onnxruntime 1.29's Java library crashes with
@@ -63,6 +64,7 @@ private fun run(args: List<String>, out: PrintStream, err: PrintStream): Int {
     var verify = false
     var printIds = false
     var verbose = false
+    var chat = false
     var promptFile: String? = null
     var i = 0
     fun value(name: String): String {
@@ -92,7 +94,7 @@ private fun run(args: List<String>, out: PrintStream, err: PrintStream): Int {
             "--ids" -> printIds = true
             "-v", "--verbose" -> verbose = true
             "-h", "--help" -> { out.println(USAGE); return 0 }
-            "--chat" -> throw UsageException("--chat is not supported by the engine yet (it needs the chat turn format in the manifest)")
+            "--chat" -> chat = true
             else -> if (a.startsWith("--")) throw UsageException("unknown option $a") else positional.add(a)
         }
         i++
@@ -104,12 +106,19 @@ private fun run(args: List<String>, out: PrintStream, err: PrintStream): Int {
         positional.add(file.readText(Charsets.UTF_8))
     }
     if (positional.size != 2) throw UsageException("expected BUNDLE and PROMPT")
-    val config = SamplingConfig(maxNew, temperature, topK, topP, penalty, seed, stop, !ignoreEos)
-    config.check()
     Engine(File(positional[0]), EngineOptions(threads, verify, chunk)).use { engine ->
-        val ids = engine.encode(positional[1])
+        // --chat: the prompt as one user turn in the bundle's chat format (as `koedge run --chat` renders it);
+        // the template writes any BOS itself, and the reply also stops at the end-of-turn tokens
+        val format = if (chat) engine.manifest.tokens.chatFormat
+            ?: throw UsageException("this bundle has no chat turn format (no chat template, or one that is not fixed text)")
+            else null
+        val config = SamplingConfig(maxNew, temperature, topK, topP, penalty, seed, stop, !ignoreEos,
+            format?.endOfTurnIds ?: emptyList())
+        config.check()
+        val ids = if (format != null) engine.encode(format.prompt(listOf(positional[1])), addBos = false)
+            else engine.encode(positional[1])
         engine.checkPrompt(ids)
-        out.print(positional[1])
+        if (format == null) out.print(positional[1])
         out.flush()
         val result = engine.generate(ids, config) { piece -> out.print(piece); out.flush() }
         out.print("\n")

@@ -39,7 +39,22 @@ class ModelInfo(
     val slidingWindow: Int?,
 )
 
-class SpecialTokens(val bosTokenId: Int?, val eosTokenIds: List<Int>, val padTokenId: Int?, val chatTemplate: Boolean)
+class SpecialTokens(val bosTokenId: Int?, val eosTokenIds: List<Int>, val padTokenId: Int?, val chatTemplate: Boolean,
+                    val chatFormat: ChatFormat? = null)
+
+/** The chat template's turns as plain text (the exporter renders them once: runtime/chat.py), and where a reply stops. */
+class ChatFormat(val firstUserPrefix: String, val assistantPrefix: String, val nextUserPrefix: String,
+                 val endOfTurnIds: List<Int>) {
+    /** user, assistant, user, ... (an odd count): the text that asks for the next reply; the template writes any BOS. */
+    fun prompt(turns: List<String>): String {
+        if (turns.size % 2 != 1) throw PromptException("a chat prompt ends with a user turn")
+        val text = StringBuilder(firstUserPrefix).append(turns[0]).append(assistantPrefix)
+        for (i in 1 until turns.size step 2) {
+            text.append(turns[i]).append(nextUserPrefix).append(turns[i + 1]).append(assistantPrefix)
+        }
+        return text.toString()
+    }
+}
 
 class PassRecord(val name: String, val config: Map<String, Any?>, val seconds: Double, val results: Map<String, Any?>)
 
@@ -134,6 +149,15 @@ class Manifest(
                 eosTokenIds = need(tokens, "eos_token_ids").arr("eos_token_ids").map { it.int("eos id") },
                 padTokenId = (tokens["pad_token_id"] as? Number)?.toInt(),
                 chatTemplate = tokens["chat_template"] == true,
+                chatFormat = tokens["chat_format"]?.obj("tokens.chat_format")?.let { chat ->
+                    ChatFormat(
+                        firstUserPrefix = need(chat, "first_user_prefix").str("first_user_prefix"),
+                        assistantPrefix = need(chat, "assistant_prefix").str("assistant_prefix"),
+                        nextUserPrefix = need(chat, "next_user_prefix").str("next_user_prefix"),
+                        endOfTurnIds = chat["end_of_turn_ids"]?.arr("end_of_turn_ids")?.map { it.int("end_of_turn id") }
+                            ?: emptyList(),
+                    )
+                },
             )
             val contract = IOContract(
                 inputs = need(io, "inputs").arr("io.inputs").map(::spec),
