@@ -65,8 +65,8 @@ def gemma_bundle(gemma_checkpoint, tmp_path_factory) -> Path:
     """The FP32 gemma-3-270m bundle: KOEDGE_GEMMA_BUNDLE if set, else exported once for the session."""
     if env := os.environ.get("KOEDGE_GEMMA_BUNDLE"):
         return Path(env)
-    from exporter.export.convert import export_model
+    from exporter.export.convert import ExportConfig, export_model
 
     out = tmp_path_factory.mktemp("gemma") / "gemma3-fp32"
-    export_model(gemma_checkpoint, out, progress=lambda message: None)
+    export_model(gemma_checkpoint, out, ExportConfig(dtype="fp32"), progress=lambda message: None)
     return out

@@ -254,7 +254,7 @@ def test_tied_head_written_as_transpose_is_shared(tmp_path):
     model = onnx.load(str(src / "model.onnx"), load_external_data=False)
     # Whatever form the export chose, the quantized graph must read one table.
     forms = {node.op_type for node in model.graph.node if node.op_type in ("FusedMatMul", "Transpose")}
-    result = quantize_bundle(src, tmp_path / "q", Int4Config(algo="rtn", int8=[]), **QUIET)
+    result = quantize_bundle(src, tmp_path / "q", Int4Config(algo="rtn", int8=[], embedding="int4"), **QUIET)
     inits, quantized = _initializers(result.folder)
     table = [name for name in inits if name.endswith("_Q4") and inits[name].dims[0] == config.vocab_size]
     assert len(table) == 1, (forms, table)
@@ -262,3 +262,18 @@ def test_tied_head_written_as_transpose_is_shared(tmp_path):
         "GatherBlockQuantized", "MatMulNBits"}
     assert result.report["results"]["tied_shared"] is True
     assert mean_kl(CausalLM(src), CausalLM(result.folder)) < 0.02
+
+
+@requires_data
+@pytest.mark.parametrize("embedding", ["int8", "fp32"])
+def test_cli_gptq_with_no_int8_matmuls(tiny_bundles, tmp_path, embedding):
+    """GPTQ's probe graph drops the LM head when the table is not 4-bit; the optional logits_to_keep
+    input (an initializer default) must survive that, or the calibration feeds are refused."""
+    from exporter.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_bundles["llama"]), "--int4", "--int8-matmuls", "", "--embedding", embedding,
+                 "--calib-samples", "4", "--calib-max-length", "48", "--out", str(out), "--no-eval"]) == 0
+    results = json.loads((out / "report.json").read_text())["results"]
+    assert results["matmuls_int8"] == 0 and results["matmuls_int4"] > 0
+    assert mean_kl(CausalLM(tiny_bundles["llama"]), CausalLM(out)) < 0.02

@@ -21,7 +21,7 @@ from exporter.export.sources import ResolvedModel, cache_root, resolve_model
 from runtime.bundle import MANIFEST, FileRecord, read_manifest, sha256_of, staged_folder
 from runtime.errors import KoedgeError
 
-BUILD_FORMAT = 2  # 2: the export is fused (GroupQueryAttention) by default. Bump to invalidate every cached pass when pass semantics change
+BUILD_FORMAT = 3  # bump to invalidate every cached pass when pass semantics change (2: fused export, 3: dtype auto = gguf)
 
 
 @dataclass
@@ -79,16 +79,31 @@ def run_export(state: BuildState, spec: PassSpec, out: Path, progress: Callable[
     config = ExportConfig(**_known(spec.config, ExportConfig, spec.name))
     source = state.model
     if state.model_passes:  # pruning passes rewrote the checkpoint
+        # Vocabulary pruning keeps whole rows of the GGUF's tensors, so the GGUF-exact form still applies;
+        # structured pruning cuts rows into pieces that no longer match the GGUF's blocks.
+        vocab_only = all(done.name == "prune-vocab" for done in state.model_passes)
         source = ResolvedModel(state.model.name, state.checkpoint, state.model.source, state.model.revision,
-                               state.model.trust_remote_code, list(state.model.notes))
-    result = export_model(source, out, config, overwrite=True, progress=progress)
-    return {"bundle_bytes": result.bundle_bytes, "parity": result.parity}
+                               state.model.trust_remote_code, list(state.model.notes),
+                               gguf=state.model.gguf if vocab_only else None)
+    reference = None
+    if config.weights(source) == "gguf":  # the FP32 export is kept beside it: eval's reference
+        reference = out.with_name(out.name + "-fp32")
+        if reference.exists():
+            shutil.rmtree(reference)
+    result = export_model(source, out, config, overwrite=True, progress=progress, reference=reference)
+    return {"bundle_bytes": result.bundle_bytes, "parity": result.parity,
+            **({"reference": str(reference)} if reference else {})}
 
 
 def run_quantize(state: BuildState, spec: PassSpec, out: Path, progress: Callable[[str], None]) -> dict:
     from exporter.quantize.calibration import CalibrationConfig
-    from exporter.quantize.bundle import quantize_bundle
+    from exporter.quantize.bundle import is_gguf_exact, quantize_bundle
 
+    if is_gguf_exact(state.bundle):  # quantizing the GGUF's blocks again would round twice
+        reason = ("the bundle is GGUF-exact (the source's own quantized blocks); set dtype = \"fp32\" in the "
+                  "export pass to quantize from float instead")
+        progress(f"{spec.name} skipped: {reason}")
+        return {"skipped": reason}
     if spec.name == "quantize-int4":
         from exporter.quantize.int4 import Int4Config
 
@@ -244,10 +259,10 @@ def run_recipe(model_name: str, recipe: Recipe, out: Path, force: bool = False,
             if spec.name in MODEL_PASSES:
                 state.checkpoint = folder
                 state.model_passes.append(spec)
-            else:
+            elif not results.get("skipped"):
                 state.bundle = folder
                 if spec.name == "export":
-                    state.reference = folder
+                    state.reference = Path(results.get("reference") or folder)
             outcome = PassOutcome(spec, time.perf_counter() - started, cached, folder, results)
         outcomes.append(outcome)
         progress(f"{label} {'cached' if outcome.cached else 'done'} in {outcome.seconds:.1f} s")

@@ -13,7 +13,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     resolved = resolve_model(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
                              progress=progress)
     config = ExportConfig(dtype=args.dtype, opset=args.opset, parity_tolerance=args.tolerance,
-                          attention=args.attention, kv_dtype=args.kv_dtype)
+                          attention=args.attention, kv_dtype=args.kv_dtype,
+                          gguf_accuracy_level=args.gguf_accuracy_level)
     result = export_model(resolved, args.out, config, overwrite=args.overwrite, progress=progress)
     print(describe_export(result))
     return 0
@@ -25,9 +26,14 @@ def add_commands(commands) -> None:
                                              "bundle: ONNX with KV cache, tokenizer, manifest; checked against torch.")
     export.add_argument("--model", required=True,
                         help="packaged name (gemma-3-270m, smollm2-135m, polyglot-ko-1.3b-shape), "
-                             "local checkpoint folder, or Hugging Face id")
+                             "local .gguf file, local checkpoint folder, or Hugging Face id")
     export.add_argument("--out", required=True, help="bundle folder to create")
-    export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    export.add_argument("--dtype", choices=["auto", "gguf", "fp32", "fp16"], default="auto",
+                        help="auto (default): gguf for a GGUF source, else fp32. gguf: every tensor the GGUF "
+                             "quantized kept in its own blocks (MatMulNBits / GatherBlockQuantized), no second "
+                             "rounding. fp32: the float reference (a GGUF source dequantized)")
+    export.add_argument("--gguf-accuracy-level", type=int, choices=[0, 4], default=4,
+                        help="gguf: 4 (default) int8 activations, fastest decode; 0 float activations, exact")
     export.add_argument("--attention", choices=["fused", "unfused"], default="fused",
                         help="fused: one GroupQueryAttention per layer, KV cache written in place (default); "
                              "unfused: Optimum's graph, for comparison")

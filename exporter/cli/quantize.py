@@ -12,7 +12,7 @@ def _int4_config(args: argparse.Namespace):
 
     config = Int4Config(algo=args.algo, block_size=args.block_size, symmetric=args.symmetric,
                         accuracy_level=args.accuracy_level, embedding=args.embedding,
-                        embedding_block_size=args.embedding_block_size)
+                        embedding_block_size=args.embedding_block_size, size_budget_mb=args.size_budget)
     if args.int8_matmuls is not None:
         config.int8 = [fragment for fragment in args.int8_matmuls.split(",") if fragment]
     if args.calib_source:
@@ -48,7 +48,13 @@ def _int8_config(args: argparse.Namespace):
 def cmd_quantize(args: argparse.Namespace) -> int:
     from exporter.quantize.bundle import format_report, quantize_bundle
 
-    config = _int4_config(args) if args.int4 else _int8_config(args)
+    if args.gguf:
+        from exporter.quantize.gguf import GgufConfig
+
+        config = GgufConfig(gguf=args.gguf, accuracy_level=args.accuracy_level)
+        config.check()
+    else:
+        config = _int4_config(args) if args.int4 else _int8_config(args)
     eval_config = None
     if args.eval_texts:
         from runtime.evaluate import EvalConfig
@@ -70,9 +76,16 @@ def add_commands(commands) -> None:
     method = parser.add_mutually_exclusive_group(required=True)
     method.add_argument("--int4", action="store_true", help="weight-only MatMulNBits + GatherBlockQuantized")
     method.add_argument("--int8-static", action="store_true", help="static INT8 QDQ with Korean calibration")
+    method.add_argument("--gguf", metavar="FILE", default=None,
+                        help="GGUF-exact: put back the quantized blocks of the .gguf this FP32 bundle was "
+                             "exported from (--accuracy-level 4 or 0)")
     int4 = parser.add_argument_group("INT4")
-    int4.add_argument("--algo", choices=["rtn", "hqq", "gptq", "k_quant"], default="gptq",
-                      help="block quantizer of the 4-bit weights (default gptq, calibrated on Korean text)")
+    int4.add_argument("--algo", choices=["rtn", "hqq", "gptq", "k_quant", "best"], default="gptq",
+                      help="block quantizer of the 4-bit weights (default gptq, calibrated on Korean text; best: "
+                           "rtn or k_quant per MatMul, whichever has the smaller error on Korean activations)")
+    int4.add_argument("--size-budget", type=float, default=None, metavar="MB",
+                      help="bundle size in MB: every MatMul at 4 bits, then the most sensitive ones (measured on "
+                           "Korean calibration text) at 8 bits while the bundle fits; replaces --int8-matmuls")
     int4.add_argument("--block-size", type=int, choices=[32, 64, 128], default=32, help="weights per scale")
     int4.add_argument("--symmetric", action="store_true", help="no zero points (rtn, gptq)")
     int4.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,

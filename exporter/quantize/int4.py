@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from runtime.errors import KoedgeError
 
-ALGOS = ("rtn", "hqq", "gptq", "k_quant")
+ALGOS = ("rtn", "hqq", "gptq", "k_quant", "best")  # best: rtn or k_quant per MatMul, by measured error
 BLOCK_SIZES = (32, 64, 128)
 TABLE_PRECISIONS = ("int4", "int8", "fp32")
 ONNX_FILE = "model.onnx"
@@ -34,7 +34,8 @@ CHUNK_ROWS = 16384  # output channels quantized at once: bounds the quantizers' 
 
 @dataclass
 class Int4Config:
-    """Defaults measured on gemma-3-270m (docs/quantization.md): GPTQ 4-bit embedding/LM head, 8-bit MatMuls."""
+    """Defaults measured on gemma-3-270m (docs/quantization.md): GPTQ 4-bit embedding/LM head, 8-bit MatMuls.
+    A size budget puts MatMuls at 4 bits except the most sensitive ones (exporter/quantize/mixed.py)."""
 
     algo: str = "gptq"  # rtn | hqq | gptq | k_quant: the quantizer of the 4-bit weights
     block_size: int = 32  # weights per scale, along K
@@ -56,6 +57,10 @@ class Int4Config:
     # gptq: float32 Hessians gathered per calibration pass; each pass's MatMuls are quantized and its
     # Hessians freed before the next. The polyglot-ko-1.3b shape twin needs 7.6 GB of them in all.
     hessian_budget_mb: int = 4000
+    # The bundle's size in MB: every MatMul at 4 bits, then the most sensitive (measured on Korean calibration
+    # activations) at 8 bits while it fits. Replaces `int8`.
+    size_budget_mb: float | None = None
+    sensitivity_samples: int = 16  # calibration sequences (256 tokens) for the sensitivity / best-algo measurement
 
     def check(self) -> None:
         if self.algo not in ALGOS:
@@ -72,6 +77,8 @@ class Int4Config:
             raise KoedgeError(f"{self.algo} fits a zero point per block; --symmetric works with rtn or gptq")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise KoedgeError(f"accuracy level {self.accuracy_level} is not one of 0-4")
+        if self.size_budget_mb is not None and self.size_budget_mb <= 0:
+            raise KoedgeError(f"size budget {self.size_budget_mb} MB must be positive")
         if self.algo == "gptq" and self.calib_samples < 1:
             raise KoedgeError("gptq needs at least 1 calibration sample")
 
@@ -455,7 +462,7 @@ def _table_algo(config: Int4Config) -> str:
     if config.embedding == "int8":  # like the 8-bit MatMuls: round to nearest is near lossless
         return "rtn"
     # GatherBlockQuantized takes integer zero points only, so HQQ's float zero points cannot be shared.
-    return "k_quant" if config.algo == "hqq" else config.algo
+    return "k_quant" if config.algo in ("hqq", "best") else config.algo
 
 
 # --- GPTQ calibration -----------------------------------------------------------------------------------------
@@ -519,7 +526,9 @@ def _probe_session(src: Path, outputs: list[str]):
     probe.graph.node.extend(reversed(kept))
     probe.graph.ClearField("output")
     probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
-    used = needed | {name for node in kept for name in node.input}
+    # Graph inputs stay (the feeds name them all), so their defaults stay too: an optional input such as
+    # logits_to_keep is an initializer of the same name, and without it the input would become required.
+    used = needed | {name for node in kept for name in node.input} | {item.name for item in probe.graph.input}
     initializers = [tensor for tensor in probe.graph.initializer if tensor.name in used]
     probe.graph.ClearField("initializer")
     probe.graph.initializer.extend(initializers)
@@ -531,9 +540,10 @@ def _probe_session(src: Path, outputs: list[str]):
 # --- the pass -------------------------------------------------------------------------------------------------
 
 def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
-                  progress: Callable[[str], None] = print) -> dict:
+                  progress: Callable[[str], None] = print, plan: dict[str, tuple[int, str]] | None = None) -> dict:
     """Write dst/model.onnx (+ model.onnx.data): src's graph with weight-only quantized MatMuls and embedding.
 
+    `plan` (exporter/quantize/mixed.py): MatMul name -> (bits, 4-bit quantizer); else config.int8 and config.algo.
     Returns what the manifest records: the mix of precisions, bytes before and after, and the table sharing.
     """
     from tqdm import tqdm
@@ -556,12 +566,16 @@ def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
              f"{', symmetric' if config.symmetric else ''})")
     bar = tqdm(total=len(targets), desc="MatMulNBits", unit="matmul", leave=False)
 
+    def bits_of(node: onnx.NodeProto) -> int:
+        return plan[node.name][0] if plan and node.name in plan else _bits_for(node, config)
+
     def quantize_node(node: onnx.NodeProto, hessian: np.ndarray | None = None) -> None:
         weight = node.input[1]
         w = reader.array(weight)
-        bits = _bits_for(node, config)
+        bits = bits_of(node)
+        algo = plan[node.name][1] if plan and node.name in plan and hessian is None else None
         # 8-bit round to nearest is already near lossless: the slow searches go to the 4-bit weights
-        packed = quantize_weight(w, bits, config, algo="rtn" if bits == 8 else None, hessian=hessian)
+        packed = quantize_weight(w, bits, config, algo="rtn" if bits == 8 else algo, hessian=hessian)
         names = writer.add_packed(weight, packed)
         writer.swap(node, [writer.matmul_nbits(node, node.input[0], names, packed, w.shape[1], node.name + "_Q")],
                     dropped=weight)
@@ -573,12 +587,12 @@ def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
     pending = list(targets)
     head_hessian: dict[str, np.ndarray] = {}
     if config.algo == "gptq":
-        dims = {node.input[0]: reader.shape(node.input[1])[0] for node in targets if _bits_for(node, config) == 4}
+        dims = {node.input[0]: reader.shape(node.input[1])[0] for node in targets if bits_of(node) == 4}
         head_input = table.lm_head.input[0] if table and table.lm_head is not None else None
         if head_input and config.embedding == "int4":
             dims[head_input] = reader.shape(table.weight)[1]
         for hessians in (_hessian_groups(src, dims, config, progress) if dims else ()):
-            for node in [node for node in pending if node.input[0] in hessians and _bits_for(node, config) == 4]:
+            for node in [node for node in pending if node.input[0] in hessians and bits_of(node) == 4]:
                 quantize_node(node, hessians[node.input[0]])
                 pending.remove(node)
             if head_input in hessians:
