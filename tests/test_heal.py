@@ -150,3 +150,52 @@ def test_heal_errors(tiny_checkpoints, tmp_path, texts):
     (tmp_path / "x").mkdir()
     with pytest.raises(KoedgeError, match="exists"):
         heal_checkpoint(teacher, student, tmp_path / "x", _config(texts), tmp_path / "w")
+
+
+def test_heal_command_and_its_errors(tiny_checkpoints, tiny_bundles, tmp_path, texts, capsys):
+    from exporter.cli import main
+
+    teacher, student = _pruned(tiny_checkpoints, tmp_path)
+    common = ["--teacher", str(teacher.path), "--steps", "2", "--seq-len", "16", "--batch-size", "2",
+              "--corpus", texts[0], "--eval-texts", "0"]
+    assert main(["heal", "--student", str(student.path), "--out", str(tmp_path / "healed"), *common]) == 0
+    assert "koedge export --model" in capsys.readouterr().out
+    assert (tmp_path / "healed" / "model.safetensors").is_file()
+    assert not (tmp_path / ".healed.heal-work").exists()
+    cases = [(["--student", str(tiny_bundles["llama"])], "is an exported bundle"),
+             (["--student", str(tmp_path)], "not a checkpoint folder"),
+             (["--student", str(student.path), "--out", str(tmp_path / "healed")], "exists"),
+             (["--student", str(student.path), "--lora-rank", "0"], "lora_rank must be at least 1")]
+    for extra, message in cases:
+        out = [] if "--out" in extra else ["--out", str(tmp_path / "new")]
+        assert main(["heal", *common, *out, *extra]) == 1
+        assert message in capsys.readouterr().err
+
+
+def test_recipe_heals_after_structured_pruning(tiny_checkpoints, tmp_path, texts, monkeypatch):
+    from exporter.build.engine import run_recipe
+    from exporter.recipes import parse_recipe
+    from runtime.bundle import read_manifest
+
+    monkeypatch.setenv("KOEDGE_CACHE", str(tmp_path / "cache"))
+    recipe = parse_recipe(f"""
+[[passes]]
+pass = "prune-structured"
+drop_layers = [1]
+[[passes]]
+pass = "heal"
+steps = 2
+seq_len = 16
+batch_size = 2
+corpus = "{texts[0]}"
+eval_texts = 0
+[[passes]]
+pass = "export"
+""", "tiny-heal")
+    outcomes = run_recipe(str(tiny_checkpoints["gemma3_text"]), recipe, tmp_path / "out", progress=lambda m: None)
+    assert [o.spec.name for o in outcomes] == ["prune-structured", "heal", "export"]
+    assert outcomes[1].results["steps"] == 2 and outcomes[1].results["teacher_parameters"] > \
+        outcomes[1].results["parameters"]
+    assert [p.name for p in read_manifest(tmp_path / "out").passes][:3] == ["prune", "heal", "export"]
+    with pytest.raises(KoedgeError, match="'heal' needs a 'prune-structured' pass before it"):
+        parse_recipe('[[passes]]\npass = "heal"\n[[passes]]\npass = "export"\n', "bad")
