@@ -530,3 +530,26 @@ def test_balanced_counts_weigh_a_small_corpus_like_a_large_one():
     assert merge_counts([large, small], balance=False) == Counter({1: 900, 2: 100, 3: 10})
     balanced = merge_counts([large, small], balance=True)
     assert balanced[3] == 1000 and balanced[1] == 900  # the small corpus's tokens now outrank token 2
+
+
+@pytest.mark.slow
+@requires_data
+def test_gemma_vocabulary_holds_on_formal_and_informal_held_out_text(gemma_checkpoint, tmp_path):
+    """Issue 17: the default 32k vocabulary (counted on NSMC and KLUE calib, ko-formal fill) costs at most
+    +1% bits per byte on formal (KLUE eval split) and informal (NSMC eval split) text it never counted."""
+    from exporter.export.convert import load_torch_model
+    from exporter.prune.pipeline import _special_ids
+    from exporter.prune.vocab import VocabConfig, plan_vocabulary, write_pruned_tokenizer
+    from exporter.prune.vocab_eval import Variant, variant_costs
+    from runtime.data import load_texts
+
+    model = load_torch_model(gemma_checkpoint)
+    plan = plan_vocabulary(gemma_checkpoint.path, VocabConfig(vocab_size=32768), _special_ids(model),
+                           progress=lambda message: None)
+    assert plan.stats["corpora"].keys() == {"nsmc", "klue"}
+    write_pruned_tokenizer(gemma_checkpoint.path, tmp_path, plan)
+    variant = {"32k": Variant(plan.kept, tmp_path / "tokenizer.json")}
+    for source in ("klue", "nsmc"):
+        texts = load_texts(source, split="eval")[:100]
+        costs = variant_costs(model, gemma_checkpoint.path / "tokenizer.json", texts, variant, model.config.bos_token_id)
+        assert costs["32k"]["delta_bpb_pct"] <= 1.0, (source, costs)

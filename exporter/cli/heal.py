@@ -20,7 +20,8 @@ def cmd_heal(args: argparse.Namespace) -> int:
     if not (student / "config.json").is_file():
         raise KoedgeError(f"{student} is not a checkpoint folder (no config.json)")
     config = HealConfig(method=args.method, steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
-                        batch_size=args.batch_size, learning_rate=args.lr, temperature=args.temperature,
+                        batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+                        temperature=args.temperature,
                         kd_weight=args.kd_weight, lm_weight=args.lm_weight, lora_rank=args.lora_rank,
                         lora_alpha=args.lora_alpha, corpus=args.corpus, eval_texts=args.eval_texts,
                         gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every)
@@ -56,6 +57,7 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, help="learning rate (default 1e-3 lora, 1e-4 full)")
+    parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--kd-weight", type=float, default=1.0)
     parser.add_argument("--lm-weight", type=float, default=0.5)
