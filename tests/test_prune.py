@@ -479,7 +479,8 @@ def test_gemma_vocabulary_pruning(gemma_checkpoint, tmp_path):
         assert pruned.decode(pruned.encode(text, add_special_tokens=False).ids) == text
 
 
-def test_variant_costs_equal_scoring_the_pruned_model(tiny_checkpoints, corpus_file, tmp_path):
+@pytest.mark.parametrize("arch", ["gemma3_text", "gpt_neox"])
+def test_variant_costs_equal_scoring_the_pruned_model(tiny_checkpoints, corpus_file, tmp_path, arch):
     """Scoring a vocabulary from the unpruned model's pass gives the pruned model's own bits per byte,
     for texts it segments like the original and for texts it segments differently."""
     from exporter.export.convert import load_torch_model
@@ -489,7 +490,7 @@ def test_variant_costs_equal_scoring_the_pruned_model(tiny_checkpoints, corpus_f
     from exporter.prune.vocab import VocabConfig
     from exporter.prune.vocab_eval import Variant, variant_costs
 
-    source = resolve_model(str(tiny_checkpoints["llama"]))
+    source = resolve_model(str(tiny_checkpoints[arch]))
     options = PruneOptions(vocab=VocabConfig(coverage=1.0, corpora=[str(corpus_file)], fill="none"), eval_texts=0)
     prune_checkpoint(source, tmp_path / "pruned", options)
     kept = json.loads((tmp_path / "pruned" / "token_map.json").read_text())["new_to_original"]

@@ -27,12 +27,18 @@ class Variant:
     tokenizer_file: Path
 
 
+def _body(model):
+    """The decoder stack without the LM head (`get_decoder` for most architectures, else the base model)."""
+    decoder = model.get_decoder()
+    return model.base_model if decoder is model else decoder
+
+
 def _hidden(model, ids: list[int]):
     """Final hidden states (after the last norm) of one sequence."""
     import torch
 
     with torch.no_grad():
-        return model.base_model(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0]
+        return _body(model)(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0]
 
 
 def _nll(model, hidden, targets: list[int], rows) -> float:
