@@ -83,7 +83,7 @@ def plot(rows: list[dict], embedding: int, path: Path) -> None:
     axis.axhline(3, color="gray", linestyle=":", label="goal: +3%")
     axis.set_xlabel("non-embedding parameters removed (%)")
     axis.set_ylabel("Δ bits per byte vs unpruned (%)")
-    axis.set_title("gemma-3-270m (Korean 32k vocabulary): whole layers dropped, then healed")
+    axis.set_title("gemma-3-270m, 32k Korean vocabulary: layers dropped, healed", fontsize=10)
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -99,9 +99,12 @@ def main() -> None:
     parser.add_argument("--eval-texts", type=int, default=60)
     parser.add_argument("--plot", help="PNG to write")
     parser.add_argument("--json", help="rows as JSON")
+    parser.add_argument("--reuse", help="unhealed rows from an earlier --json (not scored again)")
     args = parser.parse_args()
     rows = [heal_record(Path(f)) for f in args.healed]
     rows += score_unhealed(Path(args.teacher), [Path(f) for f in args.unhealed], args.eval_texts) if args.unhealed else []
+    if args.reuse:
+        rows += [r for r in json.loads(Path(args.reuse).read_text()) if "eval_after" not in r]
     config = json.loads((Path(args.teacher) / "config.json").read_text())
     embedding = config["vocab_size"] * config["hidden_size"]
     print(table(rows, embedding))

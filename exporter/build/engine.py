@@ -21,7 +21,7 @@ from exporter.export.sources import ResolvedModel, cache_root, resolve_model
 from runtime.bundle import read_manifest, staged_folder
 from runtime.errors import KoedgeError
 
-BUILD_FORMAT = 1  # bump to invalidate every cached pass when pass semantics change
+BUILD_FORMAT = 2  # bump to invalidate every cached pass when pass semantics change (2: vocabulary defaults)
 
 
 @dataclass
