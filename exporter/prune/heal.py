@@ -328,6 +328,7 @@ def heal_checkpoint(teacher, student, out: Path, config: HealConfig, work: Path,
         results["merge_max_logit_diff"] = float((before - after).abs().max())
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
+    model = model.to("cpu")  # the scorer's batches and save_pretrained work on the CPU copy
     results.update({"steps": step, "stopped_by_time": stopped_by_time, "tokens": tokens,
                     "train_seconds_this_run": round(train_seconds, 1),
                     "tokens_per_second": round(run_tokens / train_seconds, 1) if train_seconds else None,
