@@ -477,3 +477,80 @@ def test_gemma_vocabulary_pruning(gemma_checkpoint, tmp_path):
     pruned = Tokenizer.from_file(str(tmp_path / "ckpt" / "tokenizer.json"))
     for text in random_texts(500, seed=1):
         assert pruned.decode(pruned.encode(text, add_special_tokens=False).ids) == text
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "gpt_neox"])
+def test_variant_costs_equal_scoring_the_pruned_model(tiny_checkpoints, corpus_file, tmp_path, arch):
+    """Scoring a vocabulary from the unpruned model's pass gives the pruned model's own bits per byte,
+    for texts it segments like the original and for texts it segments differently."""
+    from exporter.export.convert import load_torch_model
+    from exporter.export.sources import resolve_model
+    from exporter.prune.pipeline import PruneOptions, prune_checkpoint
+    from exporter.prune.sensitivity import EvalSet, Scorer
+    from exporter.prune.vocab import VocabConfig
+    from exporter.prune.vocab_eval import Variant, variant_costs
+
+    source = resolve_model(str(tiny_checkpoints[arch]))
+    options = PruneOptions(vocab=VocabConfig(coverage=1.0, corpora=[str(corpus_file)], fill="none"), eval_texts=0)
+    prune_checkpoint(source, tmp_path / "pruned", options)
+    kept = json.loads((tmp_path / "pruned" / "token_map.json").read_text())["new_to_original"]
+    texts = KOREAN_LINES + HELD_OUT
+    model = load_torch_model(source)
+    costs = variant_costs(model, source.path / "tokenizer.json", texts,
+                          {"pruned": Variant(kept, tmp_path / "pruned" / "tokenizer.json")}, bos=2)
+    assert 0 < costs["pruned"]["texts_resegmented"] < len(texts)
+    pruned = load_torch_model(resolve_model(str(tmp_path / "pruned")))
+    for folder, which, net in ((source.path, "original", model), (tmp_path / "pruned", "pruned", pruned)):
+        evalset = EvalSet.from_texts(folder / "tokenizer.json", texts, net.config.bos_token_id)
+        expected = Scorer(evalset, net.config.vocab_size, keep_reference=False).score(net)["bits_per_byte"]
+        assert abs(costs[which]["bits_per_byte"] - expected) < 1e-4 * expected, which
+
+
+def test_ko_formal_fill_keeps_hangul_hanja_and_symbols_before_english():
+    from exporter.prune.vocab import _is_hangul_piece, _model_pieces
+
+    data = gemma_like_tokenizer("unigram")
+    data["model"]["vocab"] += [["\u2581zebra", -1.0], ["漢", -30.0], ["字", -31.0], ["學", -32.0], ["℃", -40.0], ["\u2581zz", -99.0]]  # zz: the required min-score piece
+    _, _, small = prune_tokenizer(data, KOREAN_LINES[:2], coverage=1.0)
+    pieces = _model_pieces(data)
+    hangul_left = sum(_is_hangul_piece(p) and i not in small.kept for i, p in enumerate(pieces))
+    size = len(small.kept) + hangul_left + 3
+    _, pruned, formal = prune_tokenizer(data, KOREAN_LINES[:2], vocab_size=size, hanja=2)
+    added = {pieces[i] for i in set(formal.kept) - set(small.kept)}
+    assert {"漢", "字", "℃"} <= added and not {"學", "\u2581zebra"} & added
+    assert all(_is_hangul_piece(p) for p in added - {"漢", "字", "℃"})
+    _, _, ko_en = prune_tokenizer(data, KOREAN_LINES[:2], vocab_size=size, fill="ko-en")
+    assert "\u2581zebra" in {pieces[i] for i in ko_en.kept} and "漢" not in {pieces[i] for i in ko_en.kept}
+    assert pruned.encode("漢字", add_special_tokens=False).tokens == ["漢", "字"]
+
+
+def test_balanced_counts_weigh_a_small_corpus_like_a_large_one():
+    from exporter.prune.vocab import merge_counts
+
+    large, small = Counter({1: 900, 2: 100}), Counter({3: 10})
+    assert merge_counts([large, small], balance=False) == Counter({1: 900, 2: 100, 3: 10})
+    balanced = merge_counts([large, small], balance=True)
+    assert balanced[3] == 1000 and balanced[1] == 900  # the small corpus's tokens now outrank token 2
+
+
+@pytest.mark.slow
+@requires_data
+def test_gemma_vocabulary_holds_on_formal_and_informal_held_out_text(gemma_checkpoint, tmp_path):
+    """Issue 17: the default 32k vocabulary (counted on NSMC and KLUE calib, ko-formal fill) costs at most
+    +1% bits per byte on formal (KLUE eval split) and informal (NSMC eval split) text it never counted."""
+    from exporter.export.convert import load_torch_model
+    from exporter.prune.pipeline import _special_ids
+    from exporter.prune.vocab import VocabConfig, plan_vocabulary, write_pruned_tokenizer
+    from exporter.prune.vocab_eval import Variant, variant_costs
+    from runtime.data import load_texts
+
+    model = load_torch_model(gemma_checkpoint)
+    plan = plan_vocabulary(gemma_checkpoint.path, VocabConfig(vocab_size=32768), _special_ids(model),
+                           progress=lambda message: None)
+    assert plan.stats["corpora"].keys() == {"nsmc", "klue"}
+    write_pruned_tokenizer(gemma_checkpoint.path, tmp_path, plan)
+    variant = {"32k": Variant(plan.kept, tmp_path / "tokenizer.json")}
+    for source in ("klue", "nsmc"):
+        texts = load_texts(source, split="eval")[:100]
+        costs = variant_costs(model, gemma_checkpoint.path / "tokenizer.json", texts, variant, model.config.bos_token_id)
+        assert costs["32k"]["delta_bpb_pct"] <= 1.0, (source, costs)

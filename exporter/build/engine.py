@@ -21,7 +21,7 @@ from exporter.export.sources import ResolvedModel, cache_root, resolve_model
 from runtime.bundle import MANIFEST, FileRecord, read_manifest, sha256_of, staged_folder
 from runtime.errors import KoedgeError
 
-BUILD_FORMAT = 3  # bump to invalidate every cached pass when pass semantics change (2: fused export, 3: dtype auto = gguf)
+BUILD_FORMAT = 4  # bump to invalidate every cached pass when pass semantics change (2: fused export, 3: dtype auto = gguf, 4: vocabulary defaults)
 
 
 @dataclass
@@ -42,6 +42,7 @@ class BuildState:
     checkpoint: Path
     bundle: Path | None = None
     reference: Path | None = None  # the FP32 export, judged against by eval
+    teacher: Path | None = None  # the checkpoint before structured pruning, distilled from by heal
     model_passes: list[PassSpec] = field(default_factory=list)
 
 
@@ -145,6 +146,22 @@ def run_prune(state: BuildState, spec: PassSpec, out: Path, progress: Callable[[
     return results
 
 
+def run_heal(state: BuildState, spec: PassSpec, out: Path, progress: Callable[[str], None]) -> dict:
+    from exporter.prune.heal import HealConfig, heal_checkpoint
+
+    config = HealConfig(**_known(spec.config, HealConfig, spec.name))
+    config.check()
+    if state.teacher is None:
+        raise KoedgeError("pass 'heal' needs a 'prune-structured' pass before it (its input is the teacher)")
+    model = state.model
+
+    def resolved(path: Path) -> ResolvedModel:
+        return ResolvedModel(model.name, path, model.source, model.revision, model.trust_remote_code, list(model.notes))
+
+    return heal_checkpoint(resolved(state.teacher), resolved(state.checkpoint), out, config,
+                           out.with_name(out.name + ".work"), progress)
+
+
 def run_validate(state: BuildState, spec: PassSpec, progress: Callable[[str], None]) -> dict:
     from dataclasses import asdict
 
@@ -202,6 +219,7 @@ BUNDLE_PASSES: dict[str, Callable[[BuildState, PassSpec, Path, Callable[[str], N
 MODEL_PASSES: dict[str, Callable[[BuildState, PassSpec, Path, Callable[[str], None]], dict]] = {
     "prune-vocab": run_prune,
     "prune-structured": run_prune,
+    "heal": run_heal,
 }
 CHECK_PASSES: dict[str, Callable[[BuildState, PassSpec, Callable[[str], None]], dict]] = {
     "validate": run_validate,
@@ -234,6 +252,8 @@ def run_recipe(model_name: str, recipe: Recipe, out: Path, force: bool = False,
     for index, spec in enumerate(recipe.passes, 1):
         state.key = pass_key(state.key, spec)
         label = f"[{index}/{len(recipe.passes)}] {spec.name}"
+        if spec.name == "prune-structured" and state.teacher is None:
+            state.teacher = state.checkpoint
         started = time.perf_counter()
         if spec.name in CHECK_PASSES:
             record = cache / f"{state.key}-{spec.name}.json"

@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from exporter.cli import build, evaluate, export, prune, quantize, run
+from exporter.cli import build, evaluate, export, heal, prune, quantize, run
 from exporter.cli.common import quiet_known_noise
 from runtime.errors import KoedgeError
 
 # Each module defines `add_commands(subparsers)`, in the order `koedge --help` lists them.
-COMMAND_MODULES = (export, run, evaluate, quantize, prune, build)
+COMMAND_MODULES = (export, run, evaluate, quantize, prune, heal, build)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,9 +68,14 @@ def add_commands(subparsers) -> None:
     size.add_argument("--vocab-size", type=int, help="keep exactly N tokens")
     size.add_argument("--coverage", type=float, help="keep the most used tokens covering this share (0-1]")
     vocab.add_argument("--corpus", action="append",
-                       help="texts to count on: ko, nsmc, klue (calib split) or a .txt/.jsonl file; repeatable")
-    vocab.add_argument("--fill", choices=["ko-en", "any", "none"], default="ko-en",
-                       help="what fills --vocab-size past the counted tokens (tokenizer prior order)")
+                       help="texts to count on: ko, nsmc, klue (calib split) or a .txt/.jsonl file; repeatable "
+                            "(default: nsmc and klue, informal and formal)")
+    vocab.add_argument("--fill", choices=["ko-formal", "ko-en", "any", "none"], default="ko-formal",
+                       help="what fills --vocab-size past the counted tokens (tokenizer prior order; ko-formal: "
+                            "Hangul, then Hanja and symbols, then Hangul/ASCII pieces)")
+    vocab.add_argument("--hanja", type=int, help="ko-formal fill: at most N single Hanja pieces (default 3000)")
+    vocab.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
+                       help="weigh each corpus's counts equally (default on)")
     vocab.add_argument("--max-texts", type=int, default=None, help="count on at most N texts per corpus")
     structured = parser.add_argument_group("structured pruning")
     structured.add_argument("--ffn-ratio", type=float, default=0.0, help="share of FFN channels to remove [0, 1)")

@@ -286,7 +286,7 @@ def _layers(text: str | None) -> list[int]:
         raise KoedgeError(f"--drop-layers must be comma-separated layer numbers, got '{text}'") from err
 
 
-RECIPE_KEYS = ("vocab_size", "coverage", "corpus", "fill", "max_texts", "ffn_ratio", "head_ratio", "drop_layers",
+RECIPE_KEYS = ("vocab_size", "coverage", "corpus", "fill", "max_texts", "balance", "hanja", "ffn_ratio", "head_ratio", "drop_layers",
                "scope", "score", "steps", "multiple_of", "plan", "calib_texts", "sparsity", "sparsity_scope",
                "eval_texts")
 
@@ -301,10 +301,12 @@ def options_from_dict(config: dict) -> PruneOptions:
     get = config.get
     vocab = None
     if get("vocab_size") is not None or get("coverage") is not None:
-        corpus = get("corpus") or ["ko"]
+        defaults = VocabConfig()
+        corpus = get("corpus") or defaults.corpora
         vocab = VocabConfig(vocab_size=get("vocab_size"), coverage=get("coverage"),
                             corpora=[corpus] if isinstance(corpus, str) else list(corpus),
-                            fill=get("fill", "ko-en"), max_texts=get("max_texts"))
+                            fill=get("fill", defaults.fill), max_texts=get("max_texts"),
+                            balance=get("balance", defaults.balance), hanja=get("hanja", defaults.hanja))
     drops = get("drop_layers") or []
     plan = get("plan")
     structured = StructuredConfig(

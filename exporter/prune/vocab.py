@@ -25,7 +25,7 @@ from runtime.errors import KoedgeError
 
 TOKEN_MAP_FILE = "token_map.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-FILLS = ("ko-en", "any", "none")
+FILLS = ("ko-formal", "ko-en", "any", "none")
 CHAT_MARKERS = ("<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>", "<|endofturn|>",
                 "<|system|>", "<|user|>", "<|assistant|>", "[|system|]", "[|user|]", "[|assistant|]", "[|endofturn|]")
 CHAT_ROLES = ("user", "model", "assistant", "system")
@@ -35,9 +35,12 @@ CHAT_ROLES = ("user", "model", "assistant", "system")
 class VocabConfig:
     vocab_size: int | None = None  # keep exactly this many tokens (fill beyond the counted ones)
     coverage: float | None = None  # keep the most used tokens until they cover this share of the corpus
-    corpora: list[str] = field(default_factory=lambda: ["ko"])  # named sets (calib split) or .txt/.jsonl files
-    fill: str = "ko-en"  # what fills --vocab-size past the counted tokens: ko-en | any | none
+    # named sets (calib split) or .txt/.jsonl files; both registers: informal reviews and formal sentences
+    corpora: list[str] = field(default_factory=lambda: ["nsmc", "klue"])
+    fill: str = "ko-formal"  # what fills --vocab-size past the counted tokens: ko-formal | ko-en | any | none
     max_texts: int | None = None  # per corpus; None: all
+    balance: bool = True  # weigh every corpus's counts to the same total (4.5k KLUE sentences vs 108k reviews)
+    hanja: int = 3000  # ko-formal: at most this many single Hanja pieces (by the tokenizer's prior)
 
     def check(self) -> None:
         if self.vocab_size is not None and self.coverage is not None:
@@ -50,6 +53,8 @@ class VocabConfig:
             raise KoedgeError(f"unknown fill '{self.fill}' (choose from {', '.join(FILLS)})")
         if not self.corpora:
             raise KoedgeError("no corpus to count tokens on")
+        if self.hanja < 0:
+            raise KoedgeError(f"--hanja must be 0 or more, got {self.hanja}")
 
 
 @dataclass
@@ -128,6 +133,19 @@ def count_tokens(tokenizer, texts: Iterable[str], batch: int = 4096) -> Counter:
     return counts
 
 
+def merge_counts(per_corpus: list[Counter], balance: bool) -> Counter:
+    """One count over several corpora; balanced, each corpus weighs as much as the largest (a small formal
+    corpus then orders and covers as much as a large informal one)."""
+    merged: Counter = Counter()
+    largest = max((sum(c.values()) for c in per_corpus), default=0)
+    for counts in per_corpus:
+        total = sum(counts.values())
+        weight = largest / total if balance and total else 1
+        for token, count in counts.items():
+            merged[token] += count * weight
+    return merged
+
+
 # --- choosing ------------------------------------------------------------------------------------
 
 def required_ids(tok: dict, special_ids: Iterable[int], chat_ids: Iterable[int]) -> dict[str, set[int]]:
@@ -198,6 +216,48 @@ def _fits_ko_en(piece: str) -> bool:
     return True
 
 
+def _is_hanja(char: str) -> bool:
+    code = ord(char)
+    return 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF or 0xF900 <= code <= 0xFAFF
+
+
+def _formal_char(piece: str) -> str | None:
+    """'hanja' or 'symbol' for a single character formal Korean writes (a Hanja; a number, symbol, punctuation
+    mark, Latin or Greek letter of the basic plane: ℃, ㎞, ①, ·, é, α), else None."""
+    text = piece.replace("\u2581", "").replace("\u0120", "")
+    if len(text) != 1 or ord(text) < 128 or ord(text) >= 0x10000:
+        return None
+    if _is_hanja(text):
+        return "hanja"
+    category = unicodedata.category(text)
+    if category[0] in "NSP" or (category[0] == "L" and (0x00C0 <= ord(text) <= 0x024F or 0x0370 <= ord(text) <= 0x03FF)):
+        return "symbol"
+    return None
+
+
+def _is_hangul_piece(piece: str) -> bool:
+    text = piece.replace("\u2581", "")
+    return bool(text) and all(0xAC00 <= ord(c) <= 0xD7A3 for c in text)
+
+
+def fill_order(tok: dict, config: VocabConfig) -> list[int]:
+    """Ids in the order the fill tries them. ko-formal: every Hangul piece, then single Hanja (up to
+    `config.hanja`) and formal symbols, then the ko-en pieces, each group in the tokenizer's prior order."""
+    pieces = _pieces(tok)
+    order = prior_order(tok)
+    if config.fill == "any":
+        return order
+    ko_en = [i for i in order if _fits_ko_en(pieces[i])]
+    if config.fill != "ko-formal":
+        return ko_en
+    hangul = [i for i in order if _is_hangul_piece(pieces[i])]
+    kinds = [(i, _formal_char(pieces[i])) for i in order]
+    hanja = [i for i, kind in kinds if kind == "hanja"][: config.hanja]
+    symbols = [i for i, kind in kinds if kind == "symbol"]
+    rank = {token: position for position, token in enumerate(order)}
+    return hangul + sorted(hanja + symbols, key=rank.__getitem__) + ko_en
+
+
 def prior_order(tok: dict) -> list[int]:
     """Ids most-likely-first by the tokenizer's own prior: Unigram score, else BPE id (merge order)."""
     model = tok["model"]
@@ -241,10 +301,10 @@ def choose_tokens(tok: dict, counts: Counter, config: VocabConfig, special_ids: 
         covered += count
     counted = len(kept)
     if config.vocab_size is not None and config.fill != "none":
-        for token in prior_order(tok):
+        for token in fill_order(tok, config):
             if len(kept) >= limit:
                 break
-            if token in kept or (config.fill == "ko-en" and not _fits_ko_en(pieces[token])):
+            if token in kept:
                 continue
             extra = _closure([token], parents, kept)
             if len(kept) + len(extra) <= limit:
@@ -253,7 +313,7 @@ def choose_tokens(tok: dict, counts: Counter, config: VocabConfig, special_ids: 
         "original_vocab_size": len(pieces), "vocab_size": len(kept), "required": required,
         "required_by_reason": {reason: len(ids) for reason, ids in need.items()},
         "from_corpus": counted - required, "from_prior_fill": len(kept) - counted,
-        "corpus_tokens": total, "corpus_distinct_tokens": len(counts),
+        "corpus_tokens": round(total), "corpus_distinct_tokens": len(counts),
         "corpus_coverage": round(sum(counts[i] for i in kept) / total, 6), "skipped_for_size": skipped,
     }
     return VocabPlan(sorted(kept), len(pieces), stats)
@@ -356,13 +416,13 @@ def plan_vocabulary(source: Path, config: VocabConfig, special_ids: Iterable[int
         raise KoedgeError(f"vocabulary pruning needs a fast tokenizer: {source} has no tokenizer.json")
     tok = json.loads(path.read_text(encoding="utf-8"))
     tokenizer = Tokenizer.from_file(str(path))
-    counts: Counter = Counter()
+    found_per_corpus: dict[str, Counter] = {}
     per_corpus = {}
     for name, texts in corpus_texts(config).items():
         progress(f"counting tokens over {len(texts):,} texts of '{name}'")
-        found = count_tokens(tokenizer, texts)
-        per_corpus[name] = {"texts": len(texts), "tokens": sum(found.values())}
-        counts.update(found)
+        found_per_corpus[name] = count_tokens(tokenizer, texts)
+        per_corpus[name] = {"texts": len(texts), "tokens": sum(found_per_corpus[name].values())}
+    counts = merge_counts(list(found_per_corpus.values()), config.balance)
     chat = chat_token_ids(source) | set(count_tokens(tokenizer, _marker_lines(tok)))
     plan = choose_tokens(tok, counts, config, special_ids, chat)
     plan.stats["corpora"] = per_corpus

@@ -16,7 +16,7 @@ from typing import Any
 from runtime.errors import KoedgeError
 
 STAGES: dict[str, int] = {
-    "prune-vocab": 0, "prune-structured": 0,
+    "prune-vocab": 0, "prune-structured": 0, "heal": 0,
     "export": 1,
     "quantize-int4": 2, "quantize-int8-static": 2,
     "validate": 3, "eval": 3,
@@ -54,6 +54,8 @@ class Recipe:
                     f"recipe '{self.name}': '{after.name}' cannot come after '{before.name}' "
                     f"(order: pruning, export, quantization, then validate/eval)"
                 )
+        if "heal" in names and "prune-structured" not in names[: names.index("heal")]:
+            raise KoedgeError(f"recipe '{self.name}': 'heal' needs a 'prune-structured' pass before it")
         if sum(spec.stage == 2 for spec in self.passes) > 1:
             raise KoedgeError(f"recipe '{self.name}': quantize once (INT8 static or INT4, not both)")
 
