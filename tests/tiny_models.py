@@ -37,6 +37,8 @@ def tiny_config(architecture: str, vocab_size: int):
         return tf.LlamaConfig(**common, num_key_value_heads=2)
     if architecture == "qwen2":
         return tf.Qwen2Config(**common, num_key_value_heads=2)
+    if architecture == "qwen3":  # QK-norm, like Gemma 3
+        return tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=16)
     if architecture == "gemma3_text":
         return tf.Gemma3TextConfig(**{**common, "num_hidden_layers": 3}, num_key_value_heads=1, head_dim=32,
                                    sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=32,
@@ -48,7 +50,7 @@ def tiny_config(architecture: str, vocab_size: int):
     raise ValueError(architecture)
 
 
-ARCHITECTURES = ("gpt_neox", "llama", "qwen2", "gemma3_text", "exaone4")
+ARCHITECTURES = ("gpt_neox", "llama", "qwen2", "qwen3", "gemma3_text", "exaone4")
 
 
 def make_tiny_checkpoint(architecture: str, folder: Path, seed: int = 0) -> Path:
