@@ -150,6 +150,11 @@ PREPACKED_SHARE = 0.2
 def tied_quantized_embedding_bytes(manifest: Manifest) -> int:
     """Bytes of a quantized embedding shared with the LM head (0 when untied or left in float)."""
     tied = any(record.results.get("tied_embedding_shared") for record in manifest.passes if record.name == "export")
+    gguf = next((record for record in manifest.passes if record.name == "gguf-exact"), None)
+    if tied and gguf is not None and gguf.results.get("tied_shared"):
+        # GGUF-exact: the table keeps the GGUF's blocks (gemma: Q8_0); bundles before the record say 8-bit
+        return int(gguf.results.get("tied_table_bytes")
+                   or manifest.model.vocab_size * manifest.model.hidden_size * (1 + 2.5 / 32))
     quantize = next((record for record in manifest.passes if record.name == "quantize-int4"), None)
     bits = {"int4": 4, "int8": 8}.get((quantize.config if quantize else {}).get("embedding"))
     if not tied or not bits:

@@ -123,7 +123,8 @@ def test_gemma_fused_equals_unfused_past_the_window(gemma_checkpoint, gemma_bund
     bundles = {read_manifest(gemma_bundle).io.kv_shared_buffer: gemma_bundle}
     fused = not next(iter(bundles))  # export the kind the session's bundle is not
     out = tmp_path_factory.mktemp("gemma-other") / "bundle"
-    export_model(gemma_checkpoint, out, ExportConfig(attention="fused" if fused else "unfused", parity_long_prompt=False),
+    export_model(gemma_checkpoint, out, ExportConfig(dtype="fp32", attention="fused" if fused else "unfused",
+                                                     parity_long_prompt=False),
                  progress=lambda message: None)
     bundles[fused] = out
     in_place, ping_pong = load(bundles[True]), load(bundles[False])

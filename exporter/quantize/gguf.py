@@ -238,6 +238,8 @@ def _replace_table(edit: Edit, index: RowIndex, reader: WeightReader, table: Tab
         if table.transpose is not None:
             edit.writer.swap(table.transpose, [])
         handled.add(head.name)
+        # resident twice at run time (file rows for the Gather, packed copy for the head): runtime/memory.py
+        stats["tied_table_bytes"] = sum(part.nbytes for part in parts) + (0 if row_mins is None else row_mins.nbytes)
     _count(stats, name, codes, parts, reader.shape(table.weight))
     return handled
 
@@ -292,5 +294,6 @@ def gguf_exact(src: str | Path, dst: str | Path, config: GgufConfig, progress: C
     return {"gguf": Path(config.gguf).name, "types": stats["matched"], "tensors_exact": len(stats["tensors"]),
             "gguf_tensors_unused": left, "matmuls_float": unmatched, "table_exact": bool(handled),
             "tied_shared": bool(table and table.tied and len(handled) == 2),
+            "tied_table_bytes": stats.get("tied_table_bytes", 0),
             "weight_bytes_before": stats["float_bytes"], "weight_bytes_after": stats["quant_bytes"],
             "quantize_seconds": round(time.perf_counter() - started, 1)}
