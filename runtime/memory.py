@@ -149,17 +149,19 @@ PREPACKED_SHARE = 0.2
 
 def tied_quantized_embedding_bytes(manifest: Manifest) -> int:
     """Bytes of a quantized embedding shared with the LM head (0 when untied or left in float)."""
-    tied = any(record.results.get("tied_embedding_shared") for record in manifest.passes if record.name == "export")
-    gguf = next((record for record in manifest.passes if record.name == "gguf-exact"), None)
-    if tied and gguf is not None and gguf.results.get("tied_shared"):
-        # GGUF-exact: the table keeps the GGUF's blocks (gemma: Q8_0); bundles before the record say 8-bit
-        return int(gguf.results.get("tied_table_bytes")
-                   or manifest.model.vocab_size * manifest.model.hidden_size * (1 + 2.5 / 32))
-    quantize = next((record for record in manifest.passes if record.name == "quantize-int4"), None)
-    bits = {"int4": 4, "int8": 8}.get((quantize.config if quantize else {}).get("embedding"))
-    if not tied or not bits:
+    if not any(record.results.get("tied_embedding_shared") for record in manifest.passes if record.name == "export"):
         return 0
-    block = quantize.config.get("embedding_block_size") or quantize.config.get("block_size") or 32
+    gguf = next((record for record in manifest.passes if record.name == "gguf-exact"), None)
+    if gguf is not None and gguf.results.get("tied_shared"):
+        if gguf.results.get("tied_table_bytes"):  # GGUF-exact: the table keeps the GGUF's own blocks
+            return int(gguf.results["tied_table_bytes"])
+        bits, block = 8, 32  # recorded before tied_table_bytes existed: gemma's table is Q8_0
+    else:
+        quantize = next((record for record in manifest.passes if record.name == "quantize-int4"), None)
+        bits = {"int4": 4, "int8": 8}.get((quantize.config if quantize else {}).get("embedding"))
+        if not bits:
+            return 0
+        block = quantize.config.get("embedding_block_size") or quantize.config.get("block_size") or 32
     return int(manifest.model.vocab_size * manifest.model.hidden_size * (bits / 8 + 2.5 / block))
 
 

@@ -7,6 +7,7 @@ against torch for a prefill and decode steps — also past Gemma 3's sliding win
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -162,9 +163,10 @@ def _optimum_export(model, workdir: Path, config: ExportConfig) -> Path:
         if config.attention == "fused":
             from exporter.export.fused_attention import fused_attention
 
-            with fused_attention(model, half_kv=config.kv_dtype == "float16"):
-                onnx_export_from_model(model, workdir, task=TASK, opset=config.opset, do_validation=False)
+            graph_rewrite = fused_attention(model, half_kv=config.kv_dtype == "float16")
         else:
+            graph_rewrite = contextlib.nullcontext()
+        with graph_rewrite:
             onnx_export_from_model(model, workdir, task=TASK, opset=config.opset, do_validation=False)
     path = workdir / ONNX_FILE
     if not path.is_file():
@@ -239,9 +241,6 @@ def _export_float(resolved: ResolvedModel, out: str | Path, config: ExportConfig
     from exporter.export.parity import check_parity
     from runtime.model import CausalLM
 
-    config = config or ExportConfig()
-    if config.dtype not in ("fp32", "fp16"):
-        raise KoedgeError(f"unknown dtype '{config.dtype}' (fp32 or fp16)")
     if config.attention not in ATTENTION:
         raise KoedgeError(f"unknown attention '{config.attention}' ({' or '.join(ATTENTION)})")
     if config.kv_dtype not in ("float32", "float16") or (config.kv_dtype == "float16" and config.attention != "fused"):
