@@ -158,6 +158,8 @@ def tied_quantized_embedding_bytes(manifest: Manifest) -> int:
         bits, block = 8, 32  # recorded before tied_table_bytes existed: gemma's table is Q8_0
     else:
         quantize = next((record for record in manifest.passes if record.name == "quantize-int4"), None)
+        if quantize is not None and quantize.results.get("tied_table_bytes"):  # recorded since hot rows exist
+            return int(quantize.results["tied_table_bytes"])
         bits = {"int4": 4, "int8": 8}.get((quantize.config if quantize else {}).get("embedding"))
         if not bits:
             return 0

@@ -98,7 +98,7 @@ ALGOS = ["rtn", "k_quant", "hqq", pytest.param("gptq", marks=requires_data)]
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("arch", ["gemma3_text", "llama"])
 def test_each_algorithm_gives_a_close_loadable_bundle(tiny_bundles, tmp_path, algo, arch):
-    config = Int4Config(algo=algo, embedding="int4", int8=[], calib_samples=4, calib_max_length=48)
+    config = Int4Config(algo=algo, embedding="int4", int8=[], calib_samples=4, calib_max_length=48, hot_rows=0)
     result = quantize_bundle(tiny_bundles[arch], tmp_path / "q", config, **QUIET)
     reference, quantized = CausalLM(tiny_bundles[arch]), CausalLM(result.folder)
     kl = mean_kl(reference, quantized)
@@ -115,8 +115,8 @@ def test_each_algorithm_gives_a_close_loadable_bundle(tiny_bundles, tmp_path, al
 def test_int4_is_further_from_fp32_than_int8(tiny_bundles, tmp_path):
     """The KL bound above is not loose: it separates bit widths on the same model."""
     src = tiny_bundles["gemma3_text"]
-    four = quantize_bundle(src, tmp_path / "q4", Int4Config(algo="rtn", embedding="int4", block_size=128, int8=[]),
-                           **QUIET)
+    four = quantize_bundle(src, tmp_path / "q4", Int4Config(algo="rtn", embedding="int4", block_size=128, int8=[],
+                                                            hot_rows=0), **QUIET)
     eight = quantize_bundle(src, tmp_path / "q8", Int4Config(algo="rtn", embedding="int8", block_size=128,
                                                              int8=["/"]), **QUIET)
     reference = CausalLM(src)
@@ -133,7 +133,8 @@ def test_tied_embedding_is_stored_once(tiny_bundles, tmp_path, embedding):
     src = tiny_bundles["gemma3_text"]
     reference = CausalLM(src)
     vocab, hidden = reference.manifest.model.vocab_size, reference.manifest.model.hidden_size
-    result = quantize_bundle(src, tmp_path / "q", Int4Config(algo="rtn", embedding=embedding, int8=[]), **QUIET)
+    result = quantize_bundle(src, tmp_path / "q", Int4Config(algo="rtn", embedding=embedding, int8=[], hot_rows=0),
+                             **QUIET)
     inits, model = _initializers(result.folder)
     big = [name for name, tensor in inits.items() if tensor.dims and tensor.dims[0] in (vocab, hidden)
            and np.prod(tensor.dims) >= vocab * hidden * (4 if embedding == "int4" else 8) // 8]
@@ -144,6 +145,62 @@ def test_tied_embedding_is_stored_once(tiny_bundles, tmp_path, embedding):
                    len(inits[node.input[0]].dims) == 2 for node in model.graph.node)
     assert result.report["results"]["tied_shared"] is True
     assert mean_kl(reference, CausalLM(result.folder)) < 0.02
+
+
+@requires_data
+@pytest.mark.parametrize("arch", ["gemma3_text", "gpt_neox"])  # tied table, untied embedding + head
+def test_hot_rows_are_8_bit_and_back_in_token_order(tiny_bundles, tmp_path, arch):
+    """The split table: each token's embedding row and logit come from the half that holds it, in token order."""
+    from exporter.quantize.int4 import WeightReader, _probe_session, find_table, hot_tokens, split_table
+
+    src = tiny_bundles[arch]
+    config = Int4Config(algo="rtn", int8=[], hot_rows=40, accuracy_level=0)
+    result = quantize_bundle(src, tmp_path / "q", config, **QUIET)
+    source = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    reader = WeightReader(source, src)
+    table = find_table(source, reader)
+    vocab = reader.shape(table.weight)[0]
+    hot = hot_tokens(src, config, vocab)
+    assert result.report["results"]["hot_rows"] == len(hot) == 40
+
+    def expected(matrix: np.ndarray) -> np.ndarray:  # [V, H] as the two halves store it
+        split = split_table(matrix, hot, config, "rtn", None, 32)
+        assert split.hot_packed.bits == 8 and split.cold_packed.bits == 4
+        rows = np.empty(matrix.shape, np.float32)
+        rows[split.hot], rows[split.cold] = dequantize(split.hot_packed).T, dequantize(split.cold_packed).T
+        return rows
+
+    embedding = expected(np.asarray(reader.array(table.weight)))
+    head = embedding if table.tied else expected(np.asarray(reader.array(table.lm_weight)).T)
+    cold = np.setdiff1d(np.arange(vocab), hot)
+    ids = np.array([[hot[0], cold[0], hot[-1], cold[-1], hot[7], cold[11]]], np.int64)
+    quantized = CausalLM(result.folder)
+    session = _probe_session(result.folder, [table.gather.output[0], table.lm_head.input[0], "logits"])
+    rows, hidden, logits = session.run(None, {**quantized.feeds(ids, 0), **quantized.empty_past()})
+    np.testing.assert_allclose(rows[0], embedding[ids[0]], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(logits.reshape(-1, vocab), hidden.reshape(-1, hidden.shape[-1]) @ head.T,
+                               rtol=1e-4, atol=1e-4)
+    bits = sorted(next(a.i for a in node.attribute if a.name == "bits")
+                  for node in onnx.load(str(result.folder / "model.onnx"), load_external_data=False).graph.node
+                  if node.op_type in ("MatMulNBits", "GatherBlockQuantized") and "_hot" in node.name + node.input[0])
+    assert bits and set(bits) == {8}
+
+
+@requires_data
+def test_hot_rows_are_the_frequent_korean_tokens(tiny_bundles):
+    from runtime.data import load_texts
+    from exporter.quantize.int4 import hot_tokens
+
+    src = tiny_bundles["llama"]
+    model = CausalLM(src, open_session=False)
+    hot = set(hot_tokens(src, Int4Config(hot_rows=30), model.manifest.model.vocab_size).tolist())
+    tokens = model.manifest.tokens
+    special = {tokens.bos_token_id, tokens.pad_token_id, *tokens.eos_token_ids} - {None}
+    assert special <= hot and len(hot) == 30
+    counts = np.bincount([i for text in load_texts("ko", "calib")[:3000] for i in model.encode(text, add_bos=False)],
+                         minlength=model.manifest.model.vocab_size)
+    assert int(counts.argmax()) in hot
+    assert counts[sorted(hot - special)].min() > 0  # only tokens Korean text uses
 
 
 def test_untied_embedding_and_head_are_quantized(tiny_bundles, tmp_path):
@@ -222,7 +279,8 @@ def test_report_measures_accuracy(tiny_bundles, tmp_path):
 @pytest.mark.slow
 @requires_data
 def test_gemma_int4_default_meets_targets(gemma_bundle, tmp_path):
-    """The default recipe on gemma-3-270m: PPL <= +15%, mean KL <= 0.15, bundle <= 250 MB (issue 4)."""
+    """The default recipe on gemma-3-270m: PPL <= +5%, mean KL <= 0.05, same-top-1 >= 90%, bundle <= 250 MB
+    (issue 16's targets; the 4-bit table without its Korean rows at 8 bits measured +12% and KL 0.14)."""
     from runtime.evaluate import EvalConfig
 
     result = quantize_bundle(gemma_bundle, tmp_path / "gemma-int4", Int4Config(), progress=lambda message: None,
@@ -230,8 +288,9 @@ def test_gemma_int4_default_meets_targets(gemma_bundle, tmp_path):
     report = result.report
     source, quantized = report["accuracy"]["source"], report["accuracy"]["quantized"]
     assert report["bytes_after"] <= 250e6, report["bytes_after"]
-    assert quantized["perplexity"] <= 1.15 * source["perplexity"], (quantized["perplexity"], source["perplexity"])
-    assert quantized["kl_mean"] <= 0.15, quantized["kl_mean"]
+    assert quantized["perplexity"] <= 1.05 * source["perplexity"], (quantized["perplexity"], source["perplexity"])
+    assert quantized["kl_mean"] <= 0.05, quantized["kl_mean"]
+    assert quantized["same_top1"] >= 0.90, quantized["same_top1"]
 
 
 def test_tied_head_written_as_transpose_is_shared(tmp_path):
@@ -254,7 +313,8 @@ def test_tied_head_written_as_transpose_is_shared(tmp_path):
     model = onnx.load(str(src / "model.onnx"), load_external_data=False)
     # Whatever form the export chose, the quantized graph must read one table.
     forms = {node.op_type for node in model.graph.node if node.op_type in ("FusedMatMul", "Transpose")}
-    result = quantize_bundle(src, tmp_path / "q", Int4Config(algo="rtn", int8=[], embedding="int4"), **QUIET)
+    result = quantize_bundle(src, tmp_path / "q", Int4Config(algo="rtn", int8=[], embedding="int4", hot_rows=0),
+                             **QUIET)
     inits, quantized = _initializers(result.folder)
     table = [name for name in inits if name.endswith("_Q4") and inits[name].dims[0] == config.vocab_size]
     assert len(table) == 1, (forms, table)

@@ -12,7 +12,8 @@ def _int4_config(args: argparse.Namespace):
 
     config = Int4Config(algo=args.algo, block_size=args.block_size, symmetric=args.symmetric,
                         accuracy_level=args.accuracy_level, embedding=args.embedding,
-                        embedding_block_size=args.embedding_block_size, size_budget_mb=args.size_budget)
+                        embedding_block_size=args.embedding_block_size, size_budget_mb=args.size_budget,
+                        hot_rows=args.hot_rows)
     if args.int8_matmuls is not None:
         config.int8 = [fragment for fragment in args.int8_matmuls.split(",") if fragment]
     if args.calib_source:
@@ -95,6 +96,9 @@ def add_commands(commands) -> None:
                       help="embedding table and LM head (one shared tensor when tied; default int4)")
     int4.add_argument("--embedding-block-size", type=int, choices=[16, 32, 64, 128], default=None,
                       help="block size of the embedding table (default: --block-size)")
+    int4.add_argument("--hot-rows", type=int, default=8192, metavar="N",
+                      help="a 4-bit table keeps its rows of the N tokens most frequent in the Korean calibration "
+                           "text at 8 bits (default 8192; 0: every row at 4 bits)")
     int4.add_argument("--int8-matmuls", metavar="FRAGMENTS", default=None,
                       help="comma-separated MatMul name fragments kept at 8 bits (default '/': every MatMul; "
                            "'' for none; e.g. v_proj,down_proj)")

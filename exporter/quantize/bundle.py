@@ -123,7 +123,8 @@ def format_report(report: dict) -> str:
     if "matmuls_int4" in results:
         lines.append(f"Mix: {results['matmuls_int4']} MatMuls INT4, {results['matmuls_int8']} INT8, "
                      f"embedding {results.get('embedding')}"
-                     + (" (one tensor shared with the tied LM head)" if results.get("tied_shared") else ""))
+                     + (f" with {results['hot_rows']:,} Korean rows at 8 bits" if results.get("hot_rows") else "")
+                     + (" (shared with the tied LM head)" if results.get("tied_shared") else ""))
     if "tensors_exact" in results:
         types = ", ".join(f"{count} {qtype}" for qtype, count in sorted(results["types"].items()))
         lines.append(f"GGUF-exact: {results['tensors_exact']} tensors from {results['gguf']} ({types}); "

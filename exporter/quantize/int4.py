@@ -7,6 +7,9 @@ neural-compressor code it ships: RTN, HQQ, GPTQ, k-quant). What they do not do i
   quantized along H. GatherBlockQuantized reads that same 3-D tensor (quantize_axis=2), so the bundle
   holds the big matrix once;
 - mixed precision: chosen MatMuls (and the embedding/LM head) at 8 bits, the rest at 4;
+- a 4-bit table keeps its hot rows at 8 bits: the tokens Korean text actually uses (measured on the
+  calibration split). Split in two tensors, the LM head concatenates both halves' logits and gathers them
+  back into token order; the embedding gathers from whichever half holds the token;
 - weights are read one at a time from the memory-mapped external data, so peak memory stays near
   the output size, and GPTQ's Hessians are gathered in groups that fit a memory budget.
 """
@@ -45,6 +48,10 @@ class Int4Config:
     accuracy_level: int = 4
     embedding: str = "int4"  # int4 | int8 | fp32: the embedding table and the LM head (shared when tied)
     embedding_block_size: int | None = None  # None: block_size
+    # A 4-bit table keeps this many rows at 8 bits: the tokens most frequent in the Korean calibration split
+    # (only tokens seen there). gemma-3-270m: the 4-bit GPTQ table alone cost KL 0.128; with its 6,129 Korean
+    # rows at 8 bits (+2.2 MB) KL 0.004 (docs/quantization.md).
+    hot_rows: int = 8192
     int8: list[str] = field(default_factory=lambda: ["/"])  # MatMul name fragments kept at 8 bits; "/": all
     calib_source: str = "ko"  # gptq: Korean calibration texts (split "calib") or a .txt/.jsonl file
     # gptq: 128 x 512 tokens, measured on gemma-3-270m's default (the 4-bit table, 1 MatMul input; 44 s):
@@ -77,6 +84,8 @@ class Int4Config:
             raise KoedgeError(f"{self.algo} fits a zero point per block; --symmetric works with rtn or gptq")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise KoedgeError(f"accuracy level {self.accuracy_level} is not one of 0-4")
+        if self.hot_rows < 0:
+            raise KoedgeError(f"hot rows must be 0 or more, not {self.hot_rows}")
         if self.size_budget_mb is not None and self.size_budget_mb <= 0:
             raise KoedgeError(f"size budget {self.size_budget_mb} MB must be positive")
         if self.algo == "gptq" and self.calib_samples < 1:
@@ -376,12 +385,12 @@ class GraphWriter:
             names.append(self.add(f"{prefix}_zp", packed.zero_points))
         return names
 
-    def matmul_nbits(self, node: onnx.NodeProto, activation: str, names: list[str], packed: Packed, n: int,
+    def matmul_nbits(self, outputs: list[str], activation: str, names: list[str], packed: Packed, n: int,
                      name: str) -> onnx.NodeProto:
         attrs = dict(K=packed.k, N=n, bits=packed.bits, block_size=packed.block_size)
         if self.config.accuracy_level:
             attrs["accuracy_level"] = self.config.accuracy_level
-        return helper.make_node("MatMulNBits", [activation, *names], list(node.output), name=name,
+        return helper.make_node("MatMulNBits", [activation, *names], outputs, name=name,
                                 domain="com.microsoft", **attrs)
 
     def swap(self, node: onnx.NodeProto, new_nodes: list[onnx.NodeProto], dropped: str | None = None) -> None:
@@ -418,43 +427,130 @@ def _shared_table(writer: GraphWriter, table: Table, packed: Packed, vocab: int,
     """Tied: MatMulNBits (LM head) and GatherBlockQuantized (embedding) read one quantized tensor."""
     names = writer.add_packed(table.weight, packed)
     head = table.lm_head
-    writer.swap(head, [writer.matmul_nbits(head, head.input[0], names, packed, vocab, head.name + "_Q")])
-    if table.transpose is not None and not any(table.transpose.output[0] in node.input
-                                               for node in writer.model.graph.node if node is not head):
-        writer.swap(table.transpose, [])
+    writer.swap(head, [writer.matmul_nbits(list(head.output), head.input[0], names, packed, vocab, head.name + "_Q")])
+    _drop_transpose(writer, table)
     _gather(writer, table, packed, names, vocab, hidden)
+
+
+def _drop_transpose(writer: GraphWriter, table: Table) -> None:
+    """Optimum's tied head reads Transpose(E); once the head reads the quantized table it has no other reader."""
+    if table.transpose is not None and not any(table.transpose.output[0] in node.input
+                                               for node in writer.model.graph.node if node is not table.lm_head):
+        writer.swap(table.transpose, [])
 
 
 def _gather(writer: GraphWriter, table: Table, packed: Packed, names: list[str], vocab: int, hidden: int) -> None:
     """GatherBlockQuantized over the MatMulNBits-layout tensor [V, blocks, blob] (quantize_axis=2)."""
-    prefix, (data, scales), blocks = table.weight, names[:2], packed.data.shape[1]
+    nodes = _gather_rows(writer, table.weight, packed, names, table.gather.input[1], table.gather.output[0], vocab,
+                         hidden)
+    writer.swap(table.gather, nodes, dropped=table.weight)
+
+
+def _gather_rows(writer: GraphWriter, prefix: str, packed: Packed, names: list[str], indices: str, output: str,
+                 rows: int, hidden: int) -> list[onnx.NodeProto]:
+    """Nodes gathering rows `indices` of a MatMulNBits-layout tensor [rows, blocks, blob] into `output` [..., hidden]."""
+    (data, scales), blocks = names[:2], packed.data.shape[1]
     # GatherBlockQuantized wants scales (and zero points) of the data's rank: [V, blocks, 1].
-    shape3 = writer.add(f"{prefix}_shape3", np.array([vocab, blocks, 1], np.int64))
+    shape3 = writer.add(f"{prefix}_shape3", np.array([rows, blocks, 1], np.int64))
     nodes = [helper.make_node("Reshape", [scales, shape3], [f"{scales}_3d"], name=f"{prefix}_scales_3d")]
-    gather_inputs = [data, table.gather.input[1], f"{scales}_3d"]
+    gather_inputs = [data, indices, f"{scales}_3d"]
     if packed.zero_points is not None:
         if packed.bits == 8:
             nodes.append(helper.make_node("Reshape", [names[2], shape3], [f"{names[2]}_3d"], name=f"{prefix}_zp_3d"))
             gather_inputs.append(f"{names[2]}_3d")
         else:  # 4-bit zero points are packed in pairs along the blocks; the gather needs one per byte
-            zp = np.empty((vocab, packed.zero_points.shape[1] * 2), np.uint8)
+            zp = np.empty((rows, packed.zero_points.shape[1] * 2), np.uint8)
             zp[:, 0::2], zp[:, 1::2] = packed.zero_points & 0x0F, packed.zero_points >> 4
-            gather_inputs.append(writer.add(f"{prefix}_zp_gather", zp[:, :blocks].reshape(vocab, blocks, 1)))
-    gathered = f"{table.gather.output[0]}_blocks"
-    nodes.append(helper.make_node("GatherBlockQuantized", gather_inputs, [gathered], name=table.gather.name + "_Q",
+            gather_inputs.append(writer.add(f"{prefix}_zp_gather", zp[:, :blocks].reshape(rows, blocks, 1)))
+    gathered = f"{output}_blocks"
+    nodes.append(helper.make_node("GatherBlockQuantized", gather_inputs, [gathered], name=f"{prefix}_gather_Q",
                                   domain="com.microsoft", gather_axis=0, quantize_axis=2,
                                   block_size=packed.block_size, bits=packed.bits))
     padded = blocks * packed.block_size
     flat = writer.add(f"{prefix}_flat", np.array([0, 0, padded], np.int64))
     if padded == hidden:
-        nodes.append(helper.make_node("Reshape", [gathered, flat], list(table.gather.output), name=f"{prefix}_flat"))
+        nodes.append(helper.make_node("Reshape", [gathered, flat], [output], name=f"{prefix}_flat"))
     else:  # K padded up to whole blocks: cut the padding off again
         nodes.append(helper.make_node("Reshape", [gathered, flat], [f"{gathered}_flat"], name=f"{prefix}_flat"))
         starts, ends = writer.add(f"{prefix}_starts", np.array([0], np.int64)), writer.add(
             f"{prefix}_ends", np.array([hidden], np.int64))
         axes = writer.add(f"{prefix}_axes", np.array([-1], np.int64))
-        nodes.append(helper.make_node("Slice", [f"{gathered}_flat", starts, ends, axes], list(table.gather.output),
+        nodes.append(helper.make_node("Slice", [f"{gathered}_flat", starts, ends, axes], [output],
                                       name=f"{prefix}_unpad"))
+    return nodes
+
+
+@dataclass
+class SplitTable:
+    """A [V, H] table as two MatMulNBits-layout tensors: `hot` rows at 8 bits, the others at 4."""
+
+    hot: np.ndarray  # token ids, ascending
+    cold: np.ndarray
+    hot_packed: Packed
+    cold_packed: Packed
+    position: np.ndarray  # int32 [V]: token id -> its row in [hot rows..., cold rows...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.hot_packed.nbytes + self.cold_packed.nbytes + self.position.nbytes
+
+
+def split_table(matrix: np.ndarray, hot: np.ndarray, config: Int4Config, algo: str, hessian: np.ndarray | None,
+                block: int) -> SplitTable:
+    vocab = matrix.shape[0]
+    cold = np.setdiff1d(np.arange(vocab), hot)
+    position = np.empty(vocab, np.int32)
+    position[hot], position[cold] = np.arange(len(hot)), len(hot) + np.arange(len(cold))
+    hot_packed = quantize_weight(np.asarray(matrix[hot], np.float32).T, 8, config, algo="rtn", block=block)
+    cold_packed = quantize_weight(np.asarray(matrix[cold], np.float32).T, 4, config, algo=algo, hessian=hessian,
+                                  block=block)
+    return SplitTable(hot, cold, hot_packed, cold_packed, position)
+
+
+def _split_names(writer: GraphWriter, prefix: str, split: SplitTable) -> tuple[list[str], list[str], str]:
+    return (writer.add_packed(f"{prefix}_hot", split.hot_packed), writer.add_packed(f"{prefix}_cold", split.cold_packed),
+            writer.add(f"{prefix}_position", split.position))
+
+
+def _split_head(writer: GraphWriter, head: onnx.NodeProto, prefix: str, split: SplitTable,
+                names: tuple[list[str], list[str], str]) -> list[onnx.NodeProto]:
+    """Both halves' logits, concatenated, then gathered back into token order."""
+    hot_names, cold_names, position = names
+    parts = []
+    for part, packed, part_names in (("hot", split.hot_packed, hot_names), ("cold", split.cold_packed, cold_names)):
+        parts.append(writer.matmul_nbits([f"{head.output[0]}_{part}"], head.input[0], part_names, packed,
+                                         packed.data.shape[0], f"{head.name}_{part}_Q"))
+    concat = helper.make_node("Concat", [node.output[0] for node in parts], [f"{head.output[0]}_split"],
+                              name=f"{prefix}_logits_concat", axis=-1)
+    order = helper.make_node("Gather", [concat.output[0], position], list(head.output), name=f"{prefix}_logits_order",
+                             axis=-1)
+    return [*parts, concat, order]
+
+
+def _split_gather(writer: GraphWriter, table: Table, prefix: str, split: SplitTable,
+                  names: tuple[list[str], list[str], str], hidden: int) -> None:
+    """Each token's row from the half that holds it: both halves gathered at clamped indices, then Where."""
+    hot_names, cold_names, position = names
+    ids, output, n_hot = table.gather.input[1], table.gather.output[0], len(split.hot)
+    hot_count = writer.add(f"{prefix}_hot_count", np.array(n_hot, np.int32))
+    last_hot = writer.add(f"{prefix}_last_hot", np.array(n_hot - 1, np.int32))
+    zero = writer.add(f"{prefix}_zero", np.array(0, np.int32))
+    minus_one = writer.add(f"{prefix}_minus_one", np.array([-1], np.int64))
+    nodes = [
+        helper.make_node("Gather", [position, ids], [f"{prefix}_pos"], name=f"{prefix}_pos", axis=0),
+        helper.make_node("Less", [f"{prefix}_pos", hot_count], [f"{prefix}_is_hot"], name=f"{prefix}_is_hot"),
+        helper.make_node("Min", [f"{prefix}_pos", last_hot], [f"{prefix}_hot_index"], name=f"{prefix}_hot_index"),
+        helper.make_node("Sub", [f"{prefix}_pos", hot_count], [f"{prefix}_cold_shift"], name=f"{prefix}_cold_shift"),
+        helper.make_node("Max", [f"{prefix}_cold_shift", zero], [f"{prefix}_cold_index"], name=f"{prefix}_cold_index"),
+        *_gather_rows(writer, f"{prefix}_hot", split.hot_packed, hot_names, f"{prefix}_hot_index",
+                      f"{output}_hot", n_hot, hidden),
+        *_gather_rows(writer, f"{prefix}_cold", split.cold_packed, cold_names, f"{prefix}_cold_index",
+                      f"{output}_cold", len(split.cold), hidden),
+        helper.make_node("Unsqueeze", [f"{prefix}_is_hot", minus_one], [f"{prefix}_is_hot_3d"],
+                         name=f"{prefix}_is_hot_3d"),
+        helper.make_node("Where", [f"{prefix}_is_hot_3d", f"{output}_hot", f"{output}_cold"], [output],
+                         name=f"{prefix}_rows"),
+    ]
     writer.swap(table.gather, nodes, dropped=table.weight)
 
 
@@ -577,7 +673,7 @@ def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
         # 8-bit round to nearest is already near lossless: the slow searches go to the 4-bit weights
         packed = quantize_weight(w, bits, config, algo="rtn" if bits == 8 else algo, hessian=hessian)
         names = writer.add_packed(weight, packed)
-        writer.swap(node, [writer.matmul_nbits(node, node.input[0], names, packed, w.shape[1], node.name + "_Q")],
+        writer.swap(node, [writer.matmul_nbits(list(node.output), node.input[0], names, packed, w.shape[1], node.name + "_Q")],
                     dropped=weight)
         mix[f"int{bits}"].append(node.name)
         sizes["float"] += w.nbytes
@@ -602,7 +698,7 @@ def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
         quantize_node(node)
     bar.close()
     float_bytes, quant_bytes = sizes["float"], sizes["quant"]
-    table_result = _quantize_table(writer, reader, table, config, head_hessian, progress)
+    table_result = _quantize_table(writer, reader, table, config, head_hessian, progress, src)
     float_bytes += table_result.pop("float_bytes", 0)
     quant_bytes += table_result.pop("quant_bytes", 0)
     writer.apply()
@@ -616,35 +712,80 @@ def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
     }
 
 
+def hot_tokens(src: Path, config: Int4Config, vocab: int) -> np.ndarray:
+    """Ids (ascending) of the `config.hot_rows` tokens most frequent in the calibration split, seen ones only,
+    plus the special and chat-format tokens every prompt starts with."""
+    from tokenizers import Tokenizer
+
+    from runtime.bundle import read_manifest
+    from runtime.data import load_texts
+
+    tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
+    ids: list[int] = []
+    texts = load_texts(config.calib_source, split="calib")
+    for start in range(0, len(texts), 4096):
+        for encoding in tokenizer.encode_batch(texts[start:start + 4096], add_special_tokens=False):
+            ids.extend(encoding.ids)
+    counts = np.bincount(np.asarray(ids, np.int64), minlength=vocab)[:vocab]
+    tokens = read_manifest(src).tokens
+    always = {tokens.bos_token_id, tokens.pad_token_id, *tokens.eos_token_ids} - {None}
+    if tokens.chat_format:
+        for text in tokens.chat_format.values():
+            always.update(tokenizer.encode(text, add_special_tokens=False).ids)
+    always = {token for token in always if 0 <= token < vocab}
+    seen = [int(token) for token in np.argsort(-counts, kind="stable") if counts[token] > 0 and token not in always]
+    return np.array(sorted(always | set(seen[:max(config.hot_rows - len(always), 0)])), np.int64)
+
+
 def _quantize_table(writer: GraphWriter, reader: WeightReader, table: Table | None, config: Int4Config,
-                    hessians: dict[str, np.ndarray], progress: Callable[[str], None]) -> dict:
+                    hessians: dict[str, np.ndarray], progress: Callable[[str], None], src: Path) -> dict:
     if table is None or config.embedding == "fp32":
         return {"embedding": "fp32" if table else "none", "tied_shared": False}
     bits = 8 if config.embedding == "int8" else 4
     algo = _table_algo(config)
     vocab, hidden = reader.shape(table.weight)
     hessian = hessians.get(table.lm_head.input[0]) if table.lm_head is not None else None
+    hot = hot_tokens(src, config, vocab) if bits == 4 and config.hot_rows else np.zeros(0, np.int64)
+    if len(hot) == vocab:  # a small vocabulary Korean text uses whole: no 4-bit rows left
+        bits, algo, hot = 8, "rtn", np.zeros(0, np.int64)
     progress(f"quantizing the {vocab:,} x {hidden} embedding to {config.embedding} with {algo}"
+             f"{f', its {len(hot):,} Korean rows at 8 bits' if len(hot) else ''}"
              f"{' (shared with the tied LM head)' if table.tied else ''}")
     embedding = reader.array(table.weight)
     block = config.embedding_block_size or config.block_size
-    packed = quantize_weight(embedding.T, bits, config, algo=algo, hessian=hessian, block=block)
-    result = {"embedding": config.embedding, "embedding_algo": algo, "embedding_block_size": block,
-              "tied_shared": table.tied,
-              "float_bytes": embedding.nbytes, "quant_bytes": packed.nbytes}
-    if table.tied:
-        _shared_table(writer, table, packed, vocab, hidden)
-        return result
-    _gather(writer, table, packed, writer.add_packed(table.weight, packed), vocab, hidden)
+    result = {"embedding": f"int{bits}", "embedding_algo": algo, "embedding_block_size": block,
+              "tied_shared": table.tied, "hot_rows": len(hot), "float_bytes": embedding.nbytes}
+    if len(hot):
+        split = split_table(embedding, hot, config, algo, hessian, block)
+        names = _split_names(writer, table.weight, split)
+        _split_gather(writer, table, table.weight, split, names, hidden)
+        result["quant_bytes"] = split.nbytes
+        if table.tied:
+            writer.swap(table.lm_head, _split_head(writer, table.lm_head, table.weight, split, names))
+            _drop_transpose(writer, table)
+            return {**result, "tied_table_bytes": split.nbytes}
+    else:
+        packed = quantize_weight(embedding.T, bits, config, algo=algo, hessian=hessian, block=block)
+        result["quant_bytes"] = packed.nbytes
+        if table.tied:
+            _shared_table(writer, table, packed, vocab, hidden)
+            return {**result, "tied_table_bytes": packed.nbytes}
+        _gather(writer, table, packed, writer.add_packed(table.weight, packed), vocab, hidden)
     if table.lm_head is not None:
         head = reader.array(table.lm_weight)
-        head_packed = quantize_weight(head, bits, config, algo=algo, hessian=hessian, block=block)
-        names = writer.add_packed(table.lm_weight, head_packed)
-        writer.swap(table.lm_head, [writer.matmul_nbits(table.lm_head, table.lm_head.input[0], names, head_packed,
-                                                        head.shape[1], table.lm_head.name + "_Q")],
-                    dropped=table.lm_weight)
+        if len(hot):
+            head_split = split_table(np.asarray(head).T, hot, config, algo, hessian, block)
+            head_nodes = _split_head(writer, table.lm_head, table.lm_weight, head_split,
+                                     _split_names(writer, table.lm_weight, head_split))
+            result["quant_bytes"] += head_split.nbytes
+        else:
+            head_packed = quantize_weight(head, bits, config, algo=algo, hessian=hessian, block=block)
+            head_nodes = [writer.matmul_nbits(list(table.lm_head.output), table.lm_head.input[0],
+                                              writer.add_packed(table.lm_weight, head_packed), head_packed,
+                                              head.shape[1], table.lm_head.name + "_Q")]
+            result["quant_bytes"] += head_packed.nbytes
+        writer.swap(table.lm_head, head_nodes, dropped=table.lm_weight)
         result["float_bytes"] += head.nbytes
-        result["quant_bytes"] += head_packed.nbytes
     return result
 
 

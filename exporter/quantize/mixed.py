@@ -101,8 +101,11 @@ def plan_bits(src: Path, config, progress: Callable[[str], None]) -> dict[str, t
         if table is not None:
             vocab, hidden = reader.shape(table.weight)
             bits = {"int4": 4, "int8": 8}.get(config.embedding)
-            one = packed_bytes(hidden, vocab, bits, config.embedding_block_size or config.block_size) if bits \
-                else vocab * hidden * 4
+            block = config.embedding_block_size or config.block_size
+            one = packed_bytes(hidden, vocab, bits, block) if bits else vocab * hidden * 4
+            if bits == 4 and config.hot_rows:  # at most this many rows at 8 bits, and the row order
+                hot = min(config.hot_rows, vocab)
+                one += packed_bytes(hidden, hot, 8, block) - packed_bytes(hidden, hot, 4, block) + 4 * vocab
             table_bytes = one * (1 if table.tied or table.lm_head is None else 2)
             quantized |= {table.weight, table.lm_weight}
         # + what grows besides the weights: new nodes and the manifest's record of the mix
