@@ -203,6 +203,25 @@ def test_hot_rows_are_the_frequent_korean_tokens(tiny_bundles):
     assert counts[sorted(hot - special)].min() > 0  # only tokens Korean text uses
 
 
+@requires_data
+def test_hot_rows_keep_the_chat_markers(tiny_bundles, tmp_path):
+    """A chat bundle's turn markers and end-of-turn ids start every prompt: they stay at 8 bits."""
+    import shutil
+
+    from exporter.quantize.int4 import hot_tokens
+
+    src = tmp_path / "chat"
+    shutil.copytree(tiny_bundles["llama"], src)
+    manifest = json.loads((src / "koedge.json").read_text())
+    vocab = manifest["model"]["vocab_size"]
+    manifest["tokens"]["chat_format"] = {"first_user_prefix": "<s>~~", "assistant_prefix": "~~",
+                                         "next_user_prefix": "~~", "end_of_turn_ids": [vocab - 1]}
+    (src / "koedge.json").write_text(json.dumps(manifest))
+    marker = CausalLM(src, open_session=False).encode("~~", add_bos=False)
+    hot = set(hot_tokens(src, Int4Config(hot_rows=8), vocab).tolist())
+    assert vocab - 1 in hot and set(marker) <= hot
+
+
 def test_untied_embedding_and_head_are_quantized(tiny_bundles, tmp_path):
     src = tiny_bundles["gpt_neox"]
     result = quantize_bundle(src, tmp_path / "q", Int4Config(algo="rtn", embedding="int8"), **QUIET)

@@ -729,9 +729,8 @@ def hot_tokens(src: Path, config: Int4Config, vocab: int) -> np.ndarray:
     counts = np.bincount(np.asarray(ids, np.int64), minlength=vocab)[:vocab]
     tokens = read_manifest(src).tokens
     always = {tokens.bos_token_id, tokens.pad_token_id, *tokens.eos_token_ids} - {None}
-    if tokens.chat_format:
-        for text in tokens.chat_format.values():
-            always.update(tokenizer.encode(text, add_special_tokens=False).ids)
+    for value in (tokens.chat_format or {}).values():  # the turn markers' text, and end-of-turn ids
+        always.update(tokenizer.encode(value, add_special_tokens=False).ids if isinstance(value, str) else value)
     always = {token for token in always if 0 <= token < vocab}
     seen = [int(token) for token in np.argsort(-counts, kind="stable") if counts[token] > 0 and token not in always]
     return np.array(sorted(always | set(seen[:max(config.hot_rows - len(always), 0)])), np.int64)
