@@ -160,13 +160,13 @@ def _optimum_export(model, workdir: Path, config: ExportConfig) -> Path:
     with warnings.catch_warnings():  # tracing chatter that says nothing to a user
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Exporting aten::index")
-        if config.attention == "fused":
-            from exporter.export.fused_attention import fused_attention
+        with contextlib.ExitStack() as graph_rewrite:
+            if config.attention == "fused":  # the unfused graph stays Optimum's own, for comparison
+                from exporter.export.fused_attention import fused_attention
+                from exporter.export.fused_ops import fused_activations
 
-            graph_rewrite = fused_attention(model, half_kv=config.kv_dtype == "float16")
-        else:
-            graph_rewrite = contextlib.nullcontext()
-        with graph_rewrite:
+                graph_rewrite.enter_context(fused_attention(model, half_kv=config.kv_dtype == "float16"))
+                graph_rewrite.enter_context(fused_activations(model))
             onnx_export_from_model(model, workdir, task=TASK, opset=config.opset, do_validation=False)
     path = workdir / ONNX_FILE
     if not path.is_file():

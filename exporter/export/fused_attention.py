@@ -120,7 +120,7 @@ class RotaryTable:
 
     def fits(self, head_dim: int) -> bool:
         """onnxruntime's CPU kernel: head size a multiple of 16, half-width a multiple of 8 and <= head/2."""
-        half = int(self.cos.shape[1])
+        half = self.cos.shape[1]  # read before tracing: a plain int
         return head_dim % 16 == 0 and half % 8 == 0 and 2 * half <= head_dim
 
 
