@@ -102,3 +102,17 @@ def _bundle_model(tiny_checkpoints, tmp_path):
         onnx_export_from_model(model, tmp_path, task=TASK, do_validation=False)
     return tmp_path / "model.onnx"
 
+
+@pytest.mark.parametrize("arch", list(SKIP_NORMS))
+def test_every_reshape_has_a_constant_target_and_no_shape_arithmetic_is_left(arch, tiny_bundles, unfused_graphs):
+    graph = _graph(tiny_bundles[arch])
+    constants = {tensor.name for tensor in graph.initializer}
+    constants |= {node.output[0] for node in graph.node if node.op_type == "Constant"}
+    reshapes = [node for node in graph.node if node.op_type == "Reshape"]
+    assert reshapes and all(node.input[1] in constants for node in reshapes)
+    results = next(p.results for p in load(tiny_bundles[arch]).manifest.passes if p.name == "export")
+    assert results["reshape_shapes_folded"] >= len(reshapes) - 1  # gpt_neox's rotary Reshape was constant already
+    read = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    assert all(any(output in read for output in node.output) for node in graph.node)  # nothing left unread
+    if arch == "gemma3_text":  # the traced view/reshape arithmetic (Shape -> Gather -> Unsqueeze -> Concat) is gone
+        assert _ops(tiny_bundles[arch]).count("Shape") < unfused_graphs[arch].count("Shape") / 4

@@ -178,12 +178,13 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
     """Share the tied embedding, save with external data, and run onnx.checker."""
     import onnx
 
-    from exporter.export.graph_edits import (add_logits_to_keep, fuse_skip_rms_norms, kv_in_float16, name_present_dims,
-                                             share_tied_embedding)
+    from exporter.export.graph_edits import (add_logits_to_keep, fold_reshape_shapes, fuse_skip_rms_norms,
+                                             kv_in_float16, name_present_dims, share_tied_embedding)
 
     model = onnx.load(str(source))
     name_present_dims(model)
     skip_norms = fuse_skip_rms_norms(model) if config.attention == "fused" and config.dtype == "fp32" else 0
+    reshapes = fold_reshape_shapes(model) if config.attention == "fused" else 0
     if config.kv_dtype == "float16" and not kv_in_float16(model):
         raise KoedgeError("float16 KV cache: found no KV casts to move out of the graph")
     tied = share_tied_embedding(model) if config.share_tied_embedding else None
@@ -196,7 +197,8 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
     (folder / DATA_FILE).chmod(0o644)
     onnx.checker.check_model(str(folder / ONNX_FILE))
     return {"tied_embedding_shared": bool(tied), "tied_bytes_saved": tied.bytes_saved if tied else 0,
-            "logits_to_keep_input": bool(last_only), "skip_rms_norms_fused": skip_norms}
+            "logits_to_keep_input": bool(last_only), "skip_rms_norms_fused": skip_norms,
+            "reshape_shapes_folded": reshapes}
 
 
 def export_model(resolved: ResolvedModel, out: str | Path, config: ExportConfig | None = None,
