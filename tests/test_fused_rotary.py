@@ -125,3 +125,12 @@ def test_length_dependent_rope_keeps_its_own_rotary(tmp_path):
     fused, unfused = _export_pair(config, tmp_path)
     assert [_attribute(node, "do_rotary") for node in _gqa_nodes(fused.folder)[1]] == [0, 0]
     _assert_same_logits_and_tokens(fused, unfused)
+
+
+def test_export_records_the_rotary_tables_bytes(tiny_bundles):
+    """What the memory budget may leave out of resident weights: gemma's two bases x cos/sin x 512 x 16 floats."""
+    records = {arch: next(p.results for p in load(tiny_bundles[arch]).manifest.passes if p.name == "export")
+               for arch in ("gemma3_text", "llama", "gpt_neox")}
+    assert records["gemma3_text"]["rotary_table_bytes"] == 2 * 2 * 512 * 16 * 4
+    assert records["llama"]["rotary_table_bytes"] == 2 * 512 * 8 * 4
+    assert records["gpt_neox"]["rotary_table_bytes"] == 0  # its rotary stays in the graph

@@ -178,12 +178,11 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
     """Share the tied embedding, save with external data, and run onnx.checker."""
     import onnx
 
-    from exporter.export.graph_edits import (add_logits_to_keep, fold_reshape_shapes, fuse_skip_rms_norms,
-                                             kv_in_float16, name_present_dims, share_tied_embedding)
+    from exporter.export.graph_edits import (add_logits_to_keep, fold_reshape_shapes, kv_in_float16, name_present_dims,
+                                             rotary_table_bytes, share_tied_embedding)
 
     model = onnx.load(str(source))
     name_present_dims(model)
-    skip_norms = fuse_skip_rms_norms(model) if config.attention == "fused" and config.dtype == "fp32" else 0
     reshapes = fold_reshape_shapes(model) if config.attention == "fused" else 0
     if config.kv_dtype == "float16" and not kv_in_float16(model):
         raise KoedgeError("float16 KV cache: found no KV casts to move out of the graph")
@@ -191,14 +190,15 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
     if tied:
         progress(f"tied embedding shared with the LM head ({tied.bytes_saved / 1e6:.0f} MB saved)")
     last_only = config.logits_to_keep_input and add_logits_to_keep(model)
+    tables = rotary_table_bytes(model)
     onnx.save_model(model, str(folder / ONNX_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
     del model
     (folder / DATA_FILE).chmod(0o644)
     onnx.checker.check_model(str(folder / ONNX_FILE))
     return {"tied_embedding_shared": bool(tied), "tied_bytes_saved": tied.bytes_saved if tied else 0,
-            "logits_to_keep_input": bool(last_only), "skip_rms_norms_fused": skip_norms,
-            "reshape_shapes_folded": reshapes}
+            "logits_to_keep_input": bool(last_only), "reshape_shapes_folded": reshapes,
+            "rotary_table_bytes": tables}
 
 
 def export_model(resolved: ResolvedModel, out: str | Path, config: ExportConfig | None = None,

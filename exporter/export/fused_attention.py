@@ -270,7 +270,7 @@ def fused_attention(model, half_kv: bool = False) -> Iterator[None]:
             state.tables[id(module)] = table
             if table is not None:  # model buffers, so each table is one initializer shared by its layers
                 for kind, tensor in (("cos", table.cos), ("sin", table.sin)):
-                    buffers.append(f"koedge_rotary_{index}_{kind}")
+                    buffers.append(f"rotary_table_{index}_{kind}")  # not koedge_*: the int8 pass drops those
                     model.register_buffer(buffers[-1], tensor)
             handles.append(module.register_forward_hook(
                 lambda rotary, args, out: state.cos_from.__setitem__(id(out[0]), (out[0], id(rotary)))))

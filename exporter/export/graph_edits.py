@@ -203,139 +203,6 @@ def _is_cast(node: onnx.NodeProto, to: int) -> bool:
     return node.op_type == "Cast" and any(a.name == "to" and a.i == to for a in node.attribute)
 
 
-def _constant_value(model: onnx.ModelProto, name: str, producers: dict) -> np.ndarray | None:
-    """The value of an initializer or a Constant node's output; None for anything computed."""
-    for tensor in model.graph.initializer:
-        if tensor.name == name:
-            return numpy_helper.to_array(tensor)
-    node = producers.get(name)
-    if node is not None and node.op_type == "Constant":
-        value = next((a for a in node.attribute if a.name == "value"), None)
-        return numpy_helper.to_array(value.t) if value is not None else None
-    return None
-
-
-@dataclass
-class _RmsNorm:
-    """One traced RMSNorm: [Cast] -> Pow 2 -> ReduceMean(last) -> Add eps -> Sqrt -> 1/x -> Mul -> [Cast] -> Mul w."""
-
-    source: str  # the norm's input (before the optional Cast)
-    cast: onnx.NodeProto | None  # Cast(source -> float), the form Gemma/Llama trace `x.float()` to
-    nodes: list[onnx.NodeProto]  # Pow .. the weight Mul, in order
-    weight: str
-    epsilon: float
-
-
-def _rms_norm_at(model, reduce_mean, producers, consumers, inits) -> _RmsNorm | None:
-    def only_user(name: str, op_types: tuple[str, ...]) -> onnx.NodeProto | None:
-        users = consumers.get(name, [])
-        return users[0] if len(users) == 1 and users[0].op_type in op_types else None
-
-    def constant(name: str) -> np.ndarray | None:
-        return _constant_value(model, name, producers)
-
-    power = producers.get(reduce_mean.input[0])
-    if power is None or power.op_type != "Pow" or constant(power.input[1]) is None or \
-            float(constant(power.input[1])) != 2.0 or len(consumers.get(power.output[0], [])) != 1:
-        return None
-    axes = next((list(helper.get_attribute_value(a)) for a in reduce_mean.attribute if a.name == "axes"), None)
-    if axes is None and len(reduce_mean.input) > 1:
-        axes = [int(v) for v in np.atleast_1d(constant(reduce_mean.input[1]))] if constant(reduce_mean.input[1]) is not None else None
-    keepdims = next((a.i for a in reduce_mean.attribute if a.name == "keepdims"), 1)
-    if axes != [-1] or keepdims != 1:
-        return None
-    add = only_user(reduce_mean.output[0], ("Add",))
-    epsilon = constant(add.input[1]) if add is not None else None
-    sqrt = only_user(add.output[0], ("Sqrt",)) if add is not None else None
-    inverse = only_user(sqrt.output[0], ("Div", "Reciprocal")) if sqrt is not None else None
-    if epsilon is None or epsilon.size != 1 or inverse is None:
-        return None
-    if inverse.op_type == "Div" and (inverse.input[1] != sqrt.output[0] or constant(inverse.input[0]) is None
-                                     or float(constant(inverse.input[0])) != 1.0):
-        return None
-    x = power.input[0]
-    scale = only_user(inverse.output[0], ("Mul",))
-    if scale is None or x not in scale.input:
-        return None
-    chain = [power, reduce_mean, add, sqrt, inverse, scale]
-    last = only_user(scale.output[0], ("Mul", "Cast"))
-    if last is not None and last.op_type == "Cast":
-        if not any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in last.attribute):
-            return None
-        chain.append(last)
-        last = only_user(last.output[0], ("Mul",))
-    if last is None:
-        return None
-    def initializer(name: str) -> str | None:  # the exporter shares equal weights through Identity nodes
-        source = producers.get(name)
-        name = source.input[0] if source is not None and source.op_type == "Identity" else name
-        return name if name in inits and len(inits[name].dims) == 1 else None
-
-    weight = next((found for name in last.input if (found := initializer(name)) is not None), None)
-    if weight is None:
-        return None
-    chain.append(last)
-    cast = producers.get(x)
-    if cast is not None and cast.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT
-                                                           for a in cast.attribute):
-        return _RmsNorm(cast.input[0], cast, chain, weight, float(epsilon))
-    return _RmsNorm(x, None, chain, weight, float(epsilon))
-
-
-def fuse_skip_rms_norms(model: onnx.ModelProto) -> int:
-    """Residual Add + RMSNorm -> one `com.microsoft.SkipSimplifiedLayerNormalization` (float32 graphs).
-
-    onnxruntime's optimizer fuses a traced RMSNorm into SimplifiedLayerNormalization at load, but not the
-    residual Add before it (its fusion wants the Add's sum used by the norm only; here the sum is also the
-    next residual). The contrib op returns the normalized sum and the sum itself (output 3), so the Add goes
-    too. Only for float32 graphs: the norm's `Cast(x -> float)` is then the identity and its users may read
-    the sum. Norm weights are initializers (Gemma's 1 + w already folded by the exporter). Returns the count.
-    """
-    inits = _initializers(model)
-    fused = 0
-    while True:
-        nodes = list(model.graph.node)
-        producers = {output: node for node in nodes for output in node.output}
-        consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in nodes:
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
-        graph_outputs = {output.name for output in model.graph.output}
-        match = None
-        for node in nodes:
-            if node.op_type != "ReduceMean" or (norm := _rms_norm_at(model, node, producers, consumers, inits)) is None:
-                continue
-            residual = producers.get(norm.source)
-            if residual is None or residual.op_type != "Add" or any(
-                    name in inits or _constant_value(model, name, producers) is not None for name in residual.input):
-                continue
-            inner = [output for step in norm.nodes[:-1] for output in step.output]
-            if any(name in graph_outputs for name in inner):
-                continue
-            match = (norm, residual)
-            break
-        if match is None:
-            return fused
-        norm, residual = match
-        sum_name, out_name = residual.output[0], norm.nodes[-1].output[0]
-        name = f"{norm.nodes[-1].name or out_name}/SkipSimplifiedLayerNorm"
-        skip = helper.make_node("SkipSimplifiedLayerNormalization", [residual.input[0], residual.input[1], norm.weight],
-                                [out_name, "", "", sum_name], name=name, domain="com.microsoft",
-                                epsilon=norm.epsilon)
-        index = nodes.index(residual)
-        for node in [residual, *norm.nodes]:
-            model.graph.node.remove(node)
-        if norm.cast is not None:  # Cast(float -> float): its users read the sum
-            for user in consumers.get(norm.cast.output[0], []):
-                if user in norm.nodes:
-                    continue
-                user.input[:] = [sum_name if item == norm.cast.output[0] else item for item in user.input]
-            model.graph.node.remove(norm.cast)
-        model.graph.node.insert(index, skip)
-        _use_contrib_domain(model)
-        fused += 1
-
-
 def _weightless_copy(model: onnx.ModelProto, keep_elements: int = 64) -> onnx.ModelProto:
     """The graph with every larger initializer turned into a graph input of the same type and shape: shape
     inference needs the small integer constants' values, never the weights' (and copying them costs GBs)."""
@@ -419,3 +286,16 @@ def remove_unused_nodes(model: onnx.ModelProto) -> int:
     for tensor in [tensor for tensor in model.graph.initializer if tensor.name not in read]:
         model.graph.initializer.remove(tensor)
     return removed
+
+
+def rotary_table_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the cos/sin tables GroupQueryAttention rotates with (inputs 7 and 8). They cover every position
+    the model allows (gemma-3-270m: 4 x 32,768 x 128 floats, 64 MiB) but a run reads only the rows of its own
+    context, so they sit in the memory-mapped file rather than in resident memory: the export records them for
+    the memory budget."""
+    inits = _initializers(model)
+    identities = {node.output[0]: node.input[0] for node in model.graph.node if node.op_type == "Identity"}
+    names = {identities.get(name, name) for node in model.graph.node if node.op_type == "GroupQueryAttention"
+             for name in node.input[7:9] if name}
+    return sum(int(np.prod(inits[name].dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(inits[name].data_type)).itemsize
+               for name in names if name in inits)
