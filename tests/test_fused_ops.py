@@ -53,3 +53,19 @@ def test_every_reshape_has_a_constant_target_and_no_shape_arithmetic_is_left(arc
     assert all(any(output in read for output in node.output) for node in graph.node)  # nothing left unread
     if arch == "gemma3_text":  # the traced view/reshape arithmetic (Shape -> Gather -> Unsqueeze -> Concat) is gone
         assert _ops(tiny_bundles[arch]).count("Shape") < unfused_graphs[arch].count("Shape") / 4
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "qwen3", "exaone4"])
+def test_onnxruntime_fuses_every_rms_norm_the_qk_norms_too(arch, tiny_bundles, tmp_path):
+    """After onnxruntime's own optimizer no traced RMSNorm is left: the QK-norms included (Gemma 3 and EXAONE 4
+    normalize a transposed view; the export keeps its axis last so the fusion recognizes it)."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tiny_bundles[arch] / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node]
+    layers = load(tiny_bundles[arch]).manifest.model.num_layers
+    assert "Pow" not in ops and "ReduceMean" not in ops
+    assert ops.count("SimplifiedLayerNormalization") >= 2 * layers + 2 * layers  # block norms + q/k norms

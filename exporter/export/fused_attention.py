@@ -201,6 +201,24 @@ def _is_attention(module) -> bool:
     return hasattr(module, "layer_idx") and type(module).__name__.endswith("Attention")
 
 
+def _norm_in_token_layout(original: Callable) -> Callable:
+    """A QK-norm's forward that normalizes a transposed [b, heads, s, d] view in its [b, s, heads, d] layout.
+
+    Gemma 3 and EXAONE 4 apply q_norm/k_norm after `view(...).transpose(1, 2)`; GQA wants [b, s, heads * d], so
+    the export transposes back. onnxruntime then pushes the transpose pair through the norm, rewriting its
+    ReduceMean axis from -1 to 3, and its RMSNorm fusion no longer recognizes it (rank unknown): twelve ops per
+    layer stay. Transposing back before the norm (and again after, to hand the model what it expects) puts the
+    two transpose pairs next to each other, where onnxruntime cancels them, and the norm keeps axis -1.
+    """
+    def forward(x):
+        # laid out as [b, s, heads, d] in memory (strides: heads -> d, positions -> heads * d), one KV head too
+        if x.dim() == 4 and x.stride(1) == x.shape[3] and x.stride(2) == x.shape[1] * x.shape[3]:
+            return original(x.transpose(1, 2)).transpose(1, 2)  # (exact either way: only the graph differs)
+        return original(x)  # Qwen 3 normalizes before its transpose
+
+    return forward
+
+
 def _rotary_in_gqa(state: _State, original: Callable) -> Callable:
     """`apply_rotary_pos_emb` for the export: q/k unrotated when GQA can rotate them with a precomputed table."""
     def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
@@ -263,6 +281,7 @@ def fused_attention(model, half_kv: bool = False) -> Iterator[None]:
     ALL_ATTENTION_FUNCTIONS["sdpa"] = _attention(state)
     buffers: list[str] = []
     patched: dict = {}  # modeling module -> its own apply_rotary_pos_emb
+    norms: list[torch.nn.Module] = []  # QK-norms whose forward is wrapped (instance attribute)
     try:
         table_dtype = torch.float16 if half_kv else next(model.parameters()).dtype  # GQA's own input dtype
         for index, module in enumerate(m for m in model.modules() if _is_rotary(m)):
@@ -279,6 +298,11 @@ def fused_attention(model, half_kv: bool = False) -> Iterator[None]:
             if home not in patched and callable(getattr(home, "apply_rotary_pos_emb", None)):
                 patched[home] = home.apply_rotary_pos_emb
                 home.apply_rotary_pos_emb = _rotary_in_gqa(state, patched[home])
+        for module in attention_modules:
+            for norm in (getattr(module, "q_norm", None), getattr(module, "k_norm", None)):
+                if isinstance(norm, torch.nn.Module):
+                    norm.forward = _norm_in_token_layout(norm.forward)
+                    norms.append(norm)
         for config in configs.values():
             config._attn_implementation = "sdpa"
         yield
@@ -287,6 +311,8 @@ def fused_attention(model, half_kv: bool = False) -> Iterator[None]:
             handle.remove()
         for home, original in patched.items():
             home.apply_rotary_pos_emb = original
+        for norm in norms:
+            del norm.forward
         for name in buffers:
             del model._buffers[name]
         if previous is None:
