@@ -3,7 +3,9 @@
 - `sources.py` resolves `--model` to a checkpoint folder (packaged models are converted once).
 - `architectures.py` is the one place per architecture (Optimum's registry, plus EXAONE 4).
 - `convert.py` is the pass: `export_model(resolved, out, ExportConfig)`.
-- `graph_edits.py` edits the exported graph (tied embedding stored once, `logits_to_keep`).
+- `fused_attention.py`, `fused_ops.py`: the fused export's rewrites while tracing (GroupQueryAttention with the
+  rotary inside and the KV cache in place; the tanh GELU as FastGelu).
+- `graph_edits.py` edits the exported graph (tied embedding stored once, `logits_to_keep`, constant Reshape targets).
 - `parity.py` checks the ONNX logits against torch.
 May import `runtime`; never `exporter.cli`.
 """

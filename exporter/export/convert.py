@@ -160,13 +160,13 @@ def _optimum_export(model, workdir: Path, config: ExportConfig) -> Path:
     with warnings.catch_warnings():  # tracing chatter that says nothing to a user
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Exporting aten::index")
-        if config.attention == "fused":
-            from exporter.export.fused_attention import fused_attention
+        with contextlib.ExitStack() as graph_rewrite:
+            if config.attention == "fused":  # the unfused graph stays Optimum's own, for comparison
+                from exporter.export.fused_attention import fused_attention
+                from exporter.export.fused_ops import fused_activations
 
-            graph_rewrite = fused_attention(model, half_kv=config.kv_dtype == "float16")
-        else:
-            graph_rewrite = contextlib.nullcontext()
-        with graph_rewrite:
+                graph_rewrite.enter_context(fused_attention(model, half_kv=config.kv_dtype == "float16"))
+                graph_rewrite.enter_context(fused_activations(model))
             onnx_export_from_model(model, workdir, task=TASK, opset=config.opset, do_validation=False)
     path = workdir / ONNX_FILE
     if not path.is_file():
@@ -178,23 +178,27 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
     """Share the tied embedding, save with external data, and run onnx.checker."""
     import onnx
 
-    from exporter.export.graph_edits import add_logits_to_keep, kv_in_float16, name_present_dims, share_tied_embedding
+    from exporter.export.graph_edits import (add_logits_to_keep, fold_reshape_shapes, kv_in_float16, name_present_dims,
+                                             rotary_table_bytes, share_tied_embedding)
 
     model = onnx.load(str(source))
     name_present_dims(model)
+    reshapes = fold_reshape_shapes(model) if config.attention == "fused" else 0
     if config.kv_dtype == "float16" and not kv_in_float16(model):
         raise KoedgeError("float16 KV cache: found no KV casts to move out of the graph")
     tied = share_tied_embedding(model) if config.share_tied_embedding else None
     if tied:
         progress(f"tied embedding shared with the LM head ({tied.bytes_saved / 1e6:.0f} MB saved)")
     last_only = config.logits_to_keep_input and add_logits_to_keep(model)
+    tables = rotary_table_bytes(model)
     onnx.save_model(model, str(folder / ONNX_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
     del model
     (folder / DATA_FILE).chmod(0o644)
     onnx.checker.check_model(str(folder / ONNX_FILE))
     return {"tied_embedding_shared": bool(tied), "tied_bytes_saved": tied.bytes_saved if tied else 0,
-            "logits_to_keep_input": bool(last_only)}
+            "logits_to_keep_input": bool(last_only), "reshape_shapes_folded": reshapes,
+            "rotary_table_bytes": tables}
 
 
 def export_model(resolved: ResolvedModel, out: str | Path, config: ExportConfig | None = None,

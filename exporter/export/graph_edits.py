@@ -201,3 +201,101 @@ def kv_in_float16(model: onnx.ModelProto) -> int:
 
 def _is_cast(node: onnx.NodeProto, to: int) -> bool:
     return node.op_type == "Cast" and any(a.name == "to" and a.i == to for a in node.attribute)
+
+
+def _weightless_copy(model: onnx.ModelProto, keep_elements: int = 64) -> onnx.ModelProto:
+    """The graph with every larger initializer turned into a graph input of the same type and shape: shape
+    inference needs the small integer constants' values, never the weights' (and copying them costs GBs)."""
+    copy = onnx.ModelProto()
+    copy.ir_version, copy.producer_name = model.ir_version, model.producer_name
+    copy.opset_import.extend(model.opset_import)
+    graph = copy.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    for tensor in model.graph.initializer:
+        if int(np.prod(tensor.dims)) <= keep_elements and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(tensor)
+        else:
+            graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return copy
+
+
+def fold_reshape_shapes(model: onnx.ModelProto) -> int:
+    """Give every Reshape whose target shape the graph computes (Shape -> Gather -> Unsqueeze -> Concat, traced
+    from `view(*x.shape[:-1], heads, dim)`) a constant target, then drop the shape arithmetic left unused.
+
+    onnxruntime's symbolic shape inference (no dimension merging: nothing is assumed) names each output
+    dimension; a dimension equal to the input's at the same index becomes 0 (copy), a number stays, and at most
+    one other becomes -1; Reshapes it cannot express so keep their computed target. onnxruntime neither folds
+    these nor removes a Concat once nothing reads it: about 14 nodes per attention layer. Returns the count.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(_weightless_copy(model), auto_merge=False)
+    except Exception:  # an op the inference does not know: leave the graph as it is
+        return 0
+    if inferred is None:
+        return 0
+
+    def dims(value) -> list:
+        return [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None)
+                for d in value.type.tensor_type.shape.dim]
+
+    shapes = {value.name: dims(value) for value in [*inferred.graph.value_info, *inferred.graph.input,
+                                                     *inferred.graph.output]}
+    inits = _initializers(model)
+    producers = {output: node for node in model.graph.node for output in node.output}
+    folded = 0
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or node.input[1] in inits or producers.get(node.input[1], node).op_type == "Constant":
+            continue
+        if any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
+            continue
+        source, target = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if not source or not target or any(dim in (None, "", 0) for dim in target):
+            continue
+        shape = [dim if isinstance(dim, int) else 0 if index < len(source) and source[index] == dim else None
+                 for index, dim in enumerate(target)]
+        if shape.count(None) > 1:
+            continue
+        name = f"{node.output[0]}/shape"
+        model.graph.initializer.append(numpy_helper.from_array(
+            np.array([-1 if dim is None else dim for dim in shape], np.int64), name))
+        node.input[1] = name
+        folded += 1
+    if folded:
+        remove_unused_nodes(model)
+    return folded
+
+
+def remove_unused_nodes(model: onnx.ModelProto) -> int:
+    """Drop nodes none of whose outputs is read (repeatedly), then initializers nothing reads."""
+    outputs = {output.name for output in model.graph.output}
+    removed = 0
+    while True:
+        read = {name for node in model.graph.node for name in node.input}
+        unused = [node for node in model.graph.node if not any(out in read or out in outputs for out in node.output)]
+        if not unused:
+            break
+        for node in unused:
+            model.graph.node.remove(node)
+        removed += len(unused)
+    read = {name for node in model.graph.node for name in node.input} | outputs
+    for tensor in [tensor for tensor in model.graph.initializer if tensor.name not in read]:
+        model.graph.initializer.remove(tensor)
+    return removed
+
+
+def rotary_table_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the cos/sin tables GroupQueryAttention rotates with (inputs 7 and 8). They cover every position
+    the model allows (gemma-3-270m: 4 x 32,768 x 128 floats, 64 MiB) but a run reads only the rows of its own
+    context, so they sit in the memory-mapped file rather than in resident memory: the export records them for
+    the memory budget."""
+    inits = _initializers(model)
+    identities = {node.output[0]: node.input[0] for node in model.graph.node if node.op_type == "Identity"}
+    names = {identities.get(name, name) for node in model.graph.node if node.op_type == "GroupQueryAttention"
+             for name in node.input[7:9] if name}
+    return sum(int(np.prod(inits[name].dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(inits[name].data_type)).itemsize
+               for name in names if name in inits)
