@@ -216,13 +216,22 @@ def predict_budget(manifest: Manifest, prompt_tokens: int, new_tokens: int,
         kv = kv_cache_bytes(manifest, kv_buffer_positions(manifest, prompt_tokens, new_tokens))
     else:
         kv = 2 * kv_cache_bytes(manifest, prompt_tokens + new_tokens)
-    weights = manifest.weight_bytes()
+    positions = kv_buffer_positions(manifest, prompt_tokens, new_tokens)
+    weights = manifest.weight_bytes() - untouched_rotary_bytes(manifest, positions)
     prepacked = 0
     if _quantized(manifest):
         tied = tied_quantized_embedding_bytes(manifest)
         prepacked = tied + int(PREPACKED_SHARE * max(weights - tied, 0))
     return Budget(weights=weights, kv_cache=kv, activations=logits + hidden + attention, prepacked=prepacked,
                   runtime=runtime_overhead(info.vocab_size))
+
+
+def untouched_rotary_bytes(manifest: Manifest, positions: int) -> int:
+    """A fused graph's rotary tables hold a row per supported position; a run reads (and maps in) only the rows
+    of its own positions, so the rest of the tables never becomes resident."""
+    export = next((record for record in manifest.passes if record.name == "export"), None)
+    tables = int((export.results if export else {}).get("rotary_table_bytes") or 0)
+    return int(tables * max(0.0, 1 - positions / max(manifest.model.max_positions, 1)))
 
 
 def _quantized(manifest: Manifest) -> bool:

@@ -14,7 +14,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                              progress=progress)
     config = ExportConfig(dtype=args.dtype, opset=args.opset, parity_tolerance=args.tolerance,
                           attention=args.attention, kv_dtype=args.kv_dtype,
-                          gguf_accuracy_level=args.gguf_accuracy_level)
+                          gguf_accuracy_level=args.gguf_accuracy_level, max_context=args.max_context or None)
     result = export_model(resolved, args.out, config, overwrite=args.overwrite, progress=progress)
     print(describe_export(result))
     return 0
@@ -39,6 +39,9 @@ def add_commands(commands) -> None:
                              "unfused: Optimum's graph, for comparison")
     export.add_argument("--kv-dtype", choices=["float32", "float16"], default="float32",
                         help="KV cache element type; float16 halves it (fused attention only)")
+    export.add_argument("--max-context", type=int, default=8192, metavar="N",
+                        help="positions the bundle supports, at most the model's own (default 8192; 0: the model's "
+                             "own); fused graphs store a rotary table row per position")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: Optimum's choice)")
     export.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     export.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (hub models)")

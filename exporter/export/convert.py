@@ -35,6 +35,9 @@ CHECKPOINT_PASSES = "koedge-passes.json"  # passes applied to the checkpoint bef
 DTYPES = ("auto", "gguf", "fp32", "fp16")
 
 
+MIN_CONTEXT = 1024  # the parity check's long prompt goes past gemma 3's 512-token window
+
+
 @dataclass
 class ExportConfig:
     # auto: gguf for a GGUF source, else fp32. gguf: the FP32 export with every weight the GGUF quantized put
@@ -50,6 +53,9 @@ class ExportConfig:
     kv_buffer_length: int | None = None  # fused: positions the runtime allocates the KV buffer for at once
     kv_dtype: str = "float32"  # fused only: float16 halves the KV cache (attention then runs in float16)
     gguf_accuracy_level: int = 4  # gguf: 4 int8 activations (fastest decode), 0 float activations (exact)
+    # Positions the bundle supports (manifest max_positions; None: the model's own). The fused graph's rotary
+    # tables hold every position: gemma-3-270m's 32,768 would add 67 MB on disk, 8,192 add 17 MB.
+    max_context: int | None = 8192
 
     def tolerance(self) -> float:
         if self.parity_tolerance is not None:
@@ -107,7 +113,7 @@ def _tensor_specs(values) -> list[TensorSpec]:
     return specs
 
 
-def _model_info(resolved: ResolvedModel, model, past_key: TensorSpec) -> ModelInfo:
+def _model_info(resolved: ResolvedModel, model, past_key: TensorSpec, max_context: int | None = None) -> ModelInfo:
     config = model.config
     heads = config.num_attention_heads
     layer_types = getattr(config, "layer_types", None)
@@ -119,7 +125,7 @@ def _model_info(resolved: ResolvedModel, model, past_key: TensorSpec) -> ModelIn
         architecture=config.model_type, num_layers=config.num_hidden_layers,
         num_attention_heads=heads, num_kv_heads=int(past_key.shape[1]), head_dim=int(past_key.shape[3]),
         hidden_size=config.hidden_size, vocab_size=config.vocab_size,
-        max_positions=getattr(config, "max_position_embeddings", 2048),
+        max_positions=min(getattr(config, "max_position_embeddings", 2048), max_context or 1 << 62),
         parameters=sum(p.numel() for p in model.parameters()),
         sliding_window=sliding, layer_types=list(layer_types) if layer_types and sliding else None,
         notes=list(resolved.notes),
@@ -165,7 +171,8 @@ def _optimum_export(model, workdir: Path, config: ExportConfig) -> Path:
                 from exporter.export.fused_attention import fused_attention
                 from exporter.export.fused_ops import fused_activations
 
-                graph_rewrite.enter_context(fused_attention(model, half_kv=config.kv_dtype == "float16"))
+                graph_rewrite.enter_context(fused_attention(model, half_kv=config.kv_dtype == "float16",
+                                                                 max_positions=config.max_context))
                 graph_rewrite.enter_context(fused_activations(model))
             onnx_export_from_model(model, workdir, task=TASK, opset=config.opset, do_validation=False)
     path = workdir / ONNX_FILE
@@ -211,6 +218,8 @@ def export_model(resolved: ResolvedModel, out: str | Path, config: ExportConfig 
     """
     config = config or ExportConfig()
     dtype = config.weights(resolved)
+    if config.max_context is not None and config.max_context < MIN_CONTEXT:
+        raise KoedgeError(f"--max-context {config.max_context} is below {MIN_CONTEXT} positions")
     if dtype == "gguf":
         return _export_gguf(resolved, Path(out), config, overwrite, progress, reference)
     return _export_float(resolved, out, replace(config, dtype=dtype), overwrite, progress)
@@ -269,7 +278,7 @@ def _export_float(resolved: ResolvedModel, out: str | Path, config: ExportConfig
         io.kv_dtype = past_key.dtype
         io.kv_shared_buffer = config.attention == "fused"  # GQA appends into the past buffer
         io.kv_buffer_length = config.kv_buffer_length if io.kv_shared_buffer else None
-        manifest = Manifest(model=_model_info(resolved, model, past_key), tokens=_special_tokens(model, tokenizer),
+        manifest = Manifest(model=_model_info(resolved, model, past_key, config.max_context), tokens=_special_tokens(model, tokenizer),
                             io=io, onnx_file=ONNX_FILE, passes=checkpoint_passes(resolved.path))
         write_manifest(folder, manifest)
         progress("checking logits against torch (prefill + decode with KV cache)")

@@ -124,12 +124,13 @@ class RotaryTable:
         return head_dim % 16 == 0 and half % 8 == 0 and 2 * half <= head_dim
 
 
-def rotary_table(module, dtype: torch.dtype) -> RotaryTable | None:
+def rotary_table(module, dtype: torch.dtype, max_positions: int | None = None) -> RotaryTable | None:
     """The table a transformers rotary module would compute for positions 0 .. max-1, or None when it cannot
     be precomputed (rope types whose frequencies change with the sequence length)."""
     if getattr(module, "rope_type", "default") not in STATIC_ROPE_TYPES:
         return None
     positions = int(getattr(module, "original_max_seq_len", 0) or module.config.max_position_embeddings)
+    positions = min(positions, max_positions or positions)  # the bundle's context (ExportConfig.max_context)
     inv_freq = module.inv_freq.float()
     freqs = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq[None, :]  # as the module's matmul
     scaling = float(getattr(module, "attention_scaling", 1.0))
@@ -233,11 +234,12 @@ def _rotary_in_gqa(state: _State, original: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def fused_attention(model, half_kv: bool = False) -> Iterator[None]:
+def fused_attention(model, half_kv: bool = False, max_positions: int | None = None) -> Iterator[None]:
     """Within the block, exporting `model` writes a GroupQueryAttention node per layer.
 
     `half_kv`: the attention runs in float16 between casts, so the KV cache can be float16 (half the
     memory) once graph_edits.kv_in_float16 has moved the casts of past and present out of the graph.
+    `max_positions`: the rotary tables stop there (the bundle's context; the runtime refuses more).
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -285,7 +287,7 @@ def fused_attention(model, half_kv: bool = False) -> Iterator[None]:
     try:
         table_dtype = torch.float16 if half_kv else next(model.parameters()).dtype  # GQA's own input dtype
         for index, module in enumerate(m for m in model.modules() if _is_rotary(m)):
-            table = rotary_table(module, table_dtype)
+            table = rotary_table(module, table_dtype, max_positions)
             state.tables[id(module)] = table
             if table is not None:  # model buffers, so each table is one initializer shared by its layers
                 for kind, tensor in (("cos", table.cos), ("sin", table.sin)):
