@@ -134,3 +134,37 @@ def test_export_records_the_rotary_tables_bytes(tiny_bundles):
     assert records["gemma3_text"]["rotary_table_bytes"] == 2 * 2 * 512 * 16 * 4
     assert records["llama"]["rotary_table_bytes"] == 2 * 512 * 8 * 4
     assert records["gpt_neox"]["rotary_table_bytes"] == 0  # its rotary stays in the graph
+
+
+def test_max_context_caps_the_tables_and_the_manifest(tmp_path):
+    """--max-context: the rotary tables stop at the bundle's context, the manifest says so, and the budget counts
+    only the rows a run reads."""
+    import torch
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    from exporter.export.convert import ExportConfig, export_model
+    from exporter.export.sources import resolve_model
+    from runtime.errors import KoedgeError
+    from runtime.memory import predict_budget, untouched_rotary_bytes
+
+    tokenizer = tiny_tokenizer()
+    config = tf.LlamaConfig(**{**_common(), "max_position_embeddings": 4096}, num_key_value_heads=2)
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).eval().save_pretrained(tmp_path / "checkpoint")
+    tokenizer.save_pretrained(tmp_path / "checkpoint")
+    resolved = resolve_model(str(tmp_path / "checkpoint"))
+    with pytest.raises(KoedgeError, match="max-context"):
+        export_model(resolved, tmp_path / "short", ExportConfig(max_context=100), progress=lambda message: None)
+    export_model(resolved, tmp_path / "capped", ExportConfig(max_context=1024), progress=lambda message: None)
+    model = load(tmp_path / "capped")
+    graph, nodes = _gqa_nodes(model.folder)
+    identities = _identities(graph)
+    rows = {tensor.dims[0] for tensor in graph.initializer
+            if tensor.name in {identities.get(name, name) for node in nodes for name in node.input[7:9]}}
+    assert rows == {1024} and model.manifest.model.max_positions == 1024
+    tables = next(p.results for p in model.manifest.passes if p.name == "export")["rotary_table_bytes"]
+    assert tables == 2 * 1024 * 16 * 4
+    assert untouched_rotary_bytes(model.manifest, 256) == tables * 3 // 4
+    assert predict_budget(model.manifest, 200, 56).weights == model.manifest.weight_bytes() - tables * 3 // 4
