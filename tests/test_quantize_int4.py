@@ -151,7 +151,7 @@ def test_tied_embedding_is_stored_once(tiny_bundles, tmp_path, embedding):
 @pytest.mark.parametrize("arch", ["gemma3_text", "gpt_neox"])  # tied table, untied embedding + head
 def test_hot_rows_are_8_bit_and_back_in_token_order(tiny_bundles, tmp_path, arch):
     """The split table: each token's embedding row and logit come from the half that holds it, in token order."""
-    from exporter.quantize.int4 import WeightReader, _probe_session, find_table, hot_tokens, split_table
+    from exporter.quantize.int4 import COLD_BLOCK, WeightReader, _probe_session, find_table, hot_tokens, split_table
 
     src = tiny_bundles[arch]
     config = Int4Config(algo="rtn", int8=[], hot_rows=40, accuracy_level=0)
@@ -164,8 +164,8 @@ def test_hot_rows_are_8_bit_and_back_in_token_order(tiny_bundles, tmp_path, arch
     assert result.report["results"]["hot_rows"] == len(hot) == 40
 
     def expected(matrix: np.ndarray) -> np.ndarray:  # [V, H] as the two halves store it
-        split = split_table(matrix, hot, config, "rtn", None, 32)
-        assert split.hot_packed.bits == 8 and split.cold_packed.bits == 4
+        split = split_table(matrix, hot, config, "rtn", None, COLD_BLOCK)
+        assert (split.hot_packed.bits, split.cold_packed.bits, split.cold_packed.block_size) == (8, 4, COLD_BLOCK)
         rows = np.empty(matrix.shape, np.float32)
         rows[split.hot], rows[split.cold] = dequantize(split.hot_packed).T, dequantize(split.cold_packed).T
         return rows

@@ -87,7 +87,7 @@ def check_budget(budget_mb: float, floor: int) -> int:
 
 def plan_bits(src: Path, config, progress: Callable[[str], None]) -> dict[str, tuple[int, str]]:
     """MatMul name -> (bits, 4-bit quantizer), from the budget (or config.int8) and the measured errors."""
-    from exporter.quantize.int4 import (ONNX_FILE, WeightReader, _bits_for, _matmul_targets, dequantize,
+    from exporter.quantize.int4 import (COLD_BLOCK, ONNX_FILE, WeightReader, _bits_for, _matmul_targets, dequantize,
                                         find_table, quantize_weight)
 
     model = onnx.load(str(src / ONNX_FILE), load_external_data=False)
@@ -101,11 +101,12 @@ def plan_bits(src: Path, config, progress: Callable[[str], None]) -> dict[str, t
         if table is not None:
             vocab, hidden = reader.shape(table.weight)
             bits = {"int4": 4, "int8": 8}.get(config.embedding)
-            block = config.embedding_block_size or config.block_size
+            split = bits == 4 and config.hot_rows > 0
+            block = config.embedding_block_size or (COLD_BLOCK if split else config.block_size)
             one = packed_bytes(hidden, vocab, bits, block) if bits else vocab * hidden * 4
-            if bits == 4 and config.hot_rows:  # at most this many rows at 8 bits, and the row order
+            if split:  # at most this many rows at 8 bits (the MatMuls' block), and the row order
                 hot = min(config.hot_rows, vocab)
-                one += packed_bytes(hidden, hot, 8, block) - packed_bytes(hidden, hot, 4, block) + 4 * vocab
+                one += packed_bytes(hidden, hot, 8, config.block_size) - packed_bytes(hidden, hot, 4, block) + 4 * vocab
             table_bytes = one * (1 if table.tied or table.lm_head is None else 2)
             quantized |= {table.weight, table.lm_weight}
         # + what grows besides the weights: new nodes and the manifest's record of the mix
