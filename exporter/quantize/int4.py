@@ -52,8 +52,8 @@ class Int4Config:
     embedding: str = "int4"  # int4 | int8 | fp32: the embedding table and the LM head (shared when tied)
     embedding_block_size: int | None = None  # None: block_size, or COLD_BLOCK for the 4-bit rows of a split table
     # A 4-bit table keeps this many rows at 8 bits: the tokens most frequent in the Korean calibration split
-    # (only tokens seen there). gemma-3-270m --int4: PPL +12.8% -> +0.5%, KL 0.147 -> 0.009 with its 6,874
-    # Korean rows at 8 bits, for 3 MB (docs/quantization.md).
+    # (only tokens seen there). gemma-3-270m --int4: PPL +12.8% -> +1.1%, KL 0.147 -> 0.010 with its 6,874
+    # Korean rows at 8 bits (docs/quantization.md).
     hot_rows: int = 8192
     int8: list[str] = field(default_factory=lambda: ["/"])  # MatMul name fragments kept at 8 bits; "/": all
     calib_source: str = "ko"  # gptq: Korean calibration texts (split "calib") or a .txt/.jsonl file
