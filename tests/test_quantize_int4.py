@@ -356,3 +356,10 @@ def test_cli_gptq_with_no_int8_matmuls(tiny_bundles, tmp_path, embedding):
     results = json.loads((out / "report.json").read_text())["results"]
     assert results["matmuls_int8"] == 0 and results["matmuls_int4"] > 0
     assert mean_kl(CausalLM(tiny_bundles["llama"]), CausalLM(out)) < 0.02
+
+
+def test_hot_rows_without_korean_text_is_one_clear_error(tiny_bundles, tmp_path, monkeypatch):
+    monkeypatch.setenv("KOEDGE_DATA", str(tmp_path / "no-data"))
+    with pytest.raises(KoedgeError, match="--hot-rows 0"):
+        quantize_bundle(tiny_bundles["gemma3_text"], tmp_path / "q", Int4Config(algo="rtn", int8=[]), **QUIET)
+    assert not (tmp_path / "q").exists()

@@ -726,7 +726,11 @@ def hot_tokens(src: Path, config: Int4Config, vocab: int) -> np.ndarray:
 
     tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
     ids: list[int] = []
-    texts = load_texts(config.calib_source, split="calib")
+    try:
+        texts = load_texts(config.calib_source, split="calib")
+    except KoedgeError as err:
+        raise KoedgeError(f"{err} (the 4-bit table's Korean rows are chosen on calibration text: give "
+                          f"--calib-source FILE, or --hot-rows 0)") from err
     for start in range(0, len(texts), 4096):
         for encoding in tokenizer.encode_batch(texts[start:start + 4096], add_special_tokens=False):
             ids.extend(encoding.ids)
