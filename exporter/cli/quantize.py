@@ -95,7 +95,7 @@ def add_commands(commands) -> None:
     int4.add_argument("--embedding", choices=["int4", "int8", "fp32"], default="int4",
                       help="embedding table and LM head (one shared tensor when tied; default int4)")
     int4.add_argument("--embedding-block-size", type=int, choices=[16, 32, 64, 128], default=None,
-                      help="block size of the embedding table (default: --block-size)")
+                      help="block size of the embedding table (default: --block-size; 128 for the 4-bit rows when --hot-rows splits it)")
     int4.add_argument("--hot-rows", type=int, default=8192, metavar="N",
                       help="a 4-bit table keeps its rows of the N tokens most frequent in the Korean calibration "
                            "text at 8 bits (default 8192; 0: every row at 4 bits)")
