@@ -212,11 +212,11 @@ def predict_budget(manifest: Manifest, prompt_tokens: int, new_tokens: int,
     logits = int(1.3 * (1 if manifest.io.logits_to_keep else rows) * info.vocab_size * 4)
     hidden = rows * info.hidden_size * 4 * 16
     attention = rows * prompt_tokens * info.num_attention_heads * 4 * 2
+    positions = kv_buffer_positions(manifest, prompt_tokens, new_tokens)
     if manifest.io.kv_shared_buffer:  # in place: one buffer is past and present
-        kv = kv_cache_bytes(manifest, kv_buffer_positions(manifest, prompt_tokens, new_tokens))
+        kv = kv_cache_bytes(manifest, positions)
     else:
         kv = 2 * kv_cache_bytes(manifest, prompt_tokens + new_tokens)
-    positions = kv_buffer_positions(manifest, prompt_tokens, new_tokens)
     weights = manifest.weight_bytes() - untouched_rotary_bytes(manifest, positions)
     prepacked = 0
     if _quantized(manifest):

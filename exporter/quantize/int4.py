@@ -755,7 +755,7 @@ def _quantize_table(writer: GraphWriter, reader: WeightReader, table: Table | No
     hot = hot_tokens(src, config, vocab) if bits == 4 and config.hot_rows else np.zeros(0, np.int64)
     if len(hot) == vocab:  # a small vocabulary Korean text uses whole: no 4-bit rows left
         bits, algo, hot = 8, "rtn", np.zeros(0, np.int64)
-    progress(f"quantizing the {vocab:,} x {hidden} embedding to {config.embedding} with {algo}"
+    progress(f"quantizing the {vocab:,} x {hidden} embedding to int{bits} with {algo}"
              f"{f', its {len(hot):,} Korean rows at 8 bits' if len(hot) else ''}"
              f"{' (shared with the tied LM head)' if table.tied else ''}")
     embedding = reader.array(table.weight)
