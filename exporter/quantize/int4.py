@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from exporter.quantize.packing import pack_matmuls
 from runtime.errors import KoedgeError
 
 ALGOS = ("rtn", "hqq", "gptq", "k_quant", "best")  # best: rtn or k_quant per MatMul, by measured error
@@ -71,6 +72,9 @@ class Int4Config:
     # activations) at 8 bits while it fits. Replaces `int8`.
     size_budget_mb: float | None = None
     sensitivity_samples: int = 16  # calibration sequences (256 tokens) for the sensitivity / best-algo measurement
+    # q/k/v and gate/up (MatMuls of one input at one width) as one MatMulNBits and a Split: fewer kernel calls
+    # per token (exporter/quantize/packing.py); the same numbers
+    pack: bool = True
 
     def check(self) -> None:
         if self.algo not in ALGOS:
@@ -706,11 +710,12 @@ def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
     float_bytes += table_result.pop("float_bytes", 0)
     quant_bytes += table_result.pop("quant_bytes", 0)
     writer.apply()
+    packed_groups = pack_matmuls(model) if config.pack else 0
     _save(model, src, dst)
     onnx.checker.check_model(str(dst / ONNX_FILE))
     return {
         "matmuls_int4": len(mix["int4"]), "matmuls_int8": len(mix["int8"]), "int8_matmuls": mix["int8"],
-        **table_result,
+        "matmuls_packed": packed_groups, **table_result,
         "weight_bytes_before": int(float_bytes), "weight_bytes_after": int(quant_bytes),
         "quantize_seconds": round(time.perf_counter() - started, 1),
     }
