@@ -299,7 +299,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fp32", default=None, help="the reference FP32 bundle (default: the fp32 recipe's)")
     parser.add_argument("--model", default="gemma-3-270m", help="model the recipes and the peers are built from")
-    parser.add_argument("--recipes", default="fp32,phone-3gb,phone-small,int8-static")
+    parser.add_argument("--recipes", default="fp32,phone-3gb,phone-int4,phone-small,int8-static")
     parser.add_argument("--out", default=str(ROOT / "build" / "results"), help="bundles and eval caches")
     parser.add_argument("--work", default="/tmp/koedge-peers", help="scratch: Optimum export, builder cache")
     parser.add_argument("--genai-python", default="/tmp/C/genai-venv/bin/python")

@@ -1,11 +1,13 @@
-"""Packed MatMulNBits (exporter/quantize/packing.py): projections of one input become one MatMulNBits and a Split
-with the same outputs; weights read elsewhere, or at another width, stay as they are."""
+"""The quantized graph's fusions: packed MatMulNBits (exporter/quantize/packing.py): projections of one input become
+one MatMulNBits and a Split with the same outputs, weights read elsewhere or at another width stay as they are; and
+residual Add + RMSNorm as one SkipSimplifiedLayerNormalization (exporter/quantize/residual_norm.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from exporter.quantize.bundle import quantize_bundle
@@ -63,18 +65,24 @@ def test_nothing_to_pack_leaves_the_graph_alone():
     assert pack_matmuls(model) == 0 and model.SerializeToString() == before
 
 
-def test_quantized_gemma_packs_qkv_and_gate_up_and_decodes_the_same(tiny_bundles, tmp_path):
-    folder = tiny_bundles["gemma3_text"]
+@pytest.mark.parametrize("arch", ["gemma3_text", "llama"])
+def test_quantized_graph_packs_and_fuses_residual_norms_and_decodes_the_same(arch, tiny_bundles, tmp_path):
+    folder = tiny_bundles[arch]
     layers = load(folder).manifest.model.num_layers
-    runs = {}
-    for pack in (True, False):
-        result = quantize_bundle(folder, tmp_path / f"pack-{pack}", Int4Config(algo="rtn", int8=[], pack=pack), **QUIET)
-        runs[pack] = result
-    assert runs[True].report["results"]["matmuls_packed"] == 2 * layers  # q+k+v, gate+up per layer
-    graphs = {pack: onnx.load(str(r.folder / "model.onnx"), load_external_data=False) for pack, r in runs.items()}
-    count = {pack: [n.op_type for n in g.graph.node].count("MatMulNBits") for pack, g in graphs.items()}
-    assert count[False] - count[True] == 3 * layers  # 7 -> 4 per layer
-    models = {pack: load(r.folder) for pack, r in runs.items()}
+    runs = {fuse: quantize_bundle(folder, tmp_path / f"fuse-{fuse}", Int4Config(algo="rtn", int8=[], fuse=fuse), **QUIET)
+            for fuse in (True, False)}
+    results = runs[True].report["results"]
+    assert results["matmuls_packed"] == 2 * layers  # q+k+v, gate+up per layer
+    assert results["residual_norms_fused"] == 2 * layers  # after attention and after the MLP, the last one included
+    ops = {fuse: [n.op_type for n in onnx.load(str(r.folder / "model.onnx"), load_external_data=False).graph.node]
+           for fuse, r in runs.items()}
+    assert ops[False].count("MatMulNBits") - ops[True].count("MatMulNBits") == 3 * layers  # 7 -> 4 per layer
+    assert ops[True].count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert ops[False].count("Add") - ops[True].count("Add") >= 2 * layers
+    models = {fuse: load(r.folder) for fuse, r in runs.items()}
     ids = np.array([models[True].encode("대한민국의 수도는 서울이다. 오늘 날씨가 정말 좋네요.")])
-    logits = {pack: m.step(ids, m.empty_past()).logits for pack, m in models.items()}
-    np.testing.assert_allclose(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+    steps = {fuse: m.step(ids, m.empty_past()) for fuse, m in models.items()}
+    np.testing.assert_allclose(steps[True].logits, steps[False].logits, rtol=1e-4, atol=1e-4)
+    token = np.array([[int(steps[True].logits[0, -1].argmax())]])  # one decode step through the KV cache
+    np.testing.assert_allclose(models[True].step(token, steps[True].present).logits,
+                               models[False].step(token, steps[False].present).logits, rtol=1e-4, atol=1e-4)

@@ -165,9 +165,9 @@ def test_hot_rows_are_8_bit_and_back_in_token_order(tiny_bundles, tmp_path, arch
 
     def expected(matrix: np.ndarray) -> np.ndarray:  # [V, H] as the two halves store it
         split = split_table(matrix, hot, config, "rtn", None, COLD_BLOCK)
-        assert (split.hot_packed.bits, split.cold_packed.bits, split.cold_packed.block_size) == (8, 4, COLD_BLOCK)
-        rows = np.empty(matrix.shape, np.float32)
-        rows[split.hot], rows[split.cold] = dequantize(split.hot_packed).T, dequantize(split.cold_packed).T
+        assert (split.hot_packed.bits, split.all_packed.bits, split.all_packed.block_size) == (8, 4, COLD_BLOCK)
+        rows = dequantize(split.all_packed).T.copy()
+        rows[split.hot] = dequantize(split.hot_packed).T
         return rows
 
     embedding = expected(np.asarray(reader.array(table.weight)))

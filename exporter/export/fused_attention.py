@@ -214,6 +214,11 @@ def _norm_in_token_layout(original: Callable) -> Callable:
     def forward(x):
         # laid out as [b, s, heads, d] in memory (strides: heads -> d, positions -> heads * d), one KV head too
         if x.dim() == 4 and x.stride(1) == x.shape[3] and x.stride(2) == x.shape[1] * x.shape[3]:
+            if x.shape[1] == 1:  # one head (gemma-3-270m's k): normalize [b, s, d] itself, so that the
+                # head split and merge around it fold away (graph_edits.fold_reshape_shapes): 2 Reshapes per layer
+                batch, _, seq, dim = x.shape
+                tokens = original(x.transpose(1, 2).reshape(batch, seq, dim))
+                return tokens.reshape(batch, seq, 1, dim).transpose(1, 2)
             return original(x.transpose(1, 2)).transpose(1, 2)  # (exact either way: only the graph differs)
         return original(x)  # Qwen 3 normalizes before its transpose
 

@@ -29,6 +29,7 @@ from onnx import helper
 
 from exporter.quantize.gguf_blocks import Codes, decode, read_quantized
 from exporter.quantize.packing import pack_matmuls
+from exporter.quantize.residual_norm import fuse_residual_norms
 from exporter.quantize.int4 import (ONNX_FILE, GraphWriter, Packed, Table, WeightReader, _from_codes, _save,
                                     find_table, is_quantized)
 from runtime.errors import KoedgeError
@@ -46,7 +47,7 @@ class GgufConfig:
     # 0 float activations (exact to fp32 rounding; the codes split into two 4-bit planes)
     accuracy_level: int = 4
     accuracy_level_4bit: int = 0  # the same for 4-bit codes (Q4_0, Q4_1, Q4_K): float activations are fast there
-    pack: bool = True  # one MatMulNBits per input and form (exporter/quantize/packing.py)
+    fuse: bool = True  # one MatMulNBits per input and form, residual Add + RMSNorm as one node (as Int4Config)
 
     def check(self) -> None:
         if not self.gguf:
@@ -290,13 +291,15 @@ def gguf_exact(src: str | Path, dst: str | Path, config: GgufConfig, progress: C
         raise KoedgeError(f"no weight of {src} equals a quantized tensor of {Path(config.gguf).name}: "
                           f"was the bundle exported from this GGUF?")
     writer.apply()
-    packed_groups = pack_matmuls(model) if config.pack else 0
+    packed_groups = pack_matmuls(model) if config.fuse else 0
+    norms_fused = fuse_residual_norms(model) if config.fuse else 0
     _save(model, src, dst)
     onnx.checker.check_model(str(dst / ONNX_FILE))
     left = sorted(set(index.codes) - set(stats["tensors"]))
     return {"gguf": Path(config.gguf).name, "types": stats["matched"], "tensors_exact": len(stats["tensors"]),
             "gguf_tensors_unused": left, "matmuls_float": unmatched, "table_exact": bool(handled),
             "tied_shared": bool(table and table.tied and len(handled) == 2),
-            "tied_table_bytes": stats.get("tied_table_bytes", 0), "matmuls_packed": packed_groups,
+            "tied_table_bytes": stats.get("tied_table_bytes", 0),
+            "matmuls_packed": packed_groups, "residual_norms_fused": norms_fused,
             "weight_bytes_before": stats["float_bytes"], "weight_bytes_after": stats["quant_bytes"],
             "quantize_seconds": round(time.perf_counter() - started, 1)}

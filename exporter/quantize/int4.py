@@ -8,8 +8,8 @@ neural-compressor code it ships: RTN, HQQ, GPTQ, k-quant). What they do not do i
   holds the big matrix once;
 - mixed precision: chosen MatMuls (and the embedding/LM head) at 8 bits, the rest at 4;
 - a 4-bit table keeps its hot rows at 8 bits: the tokens Korean text actually uses (measured on the
-  calibration split). Split in two tensors, the LM head concatenates both halves' logits and gathers them
-  back into token order; the embedding gathers from whichever half holds the token;
+  calibration split). Every row is stored at 4 bits and the hot ones again at 8: the LM head writes the hot
+  logits over the 4-bit ones, the embedding gathers a hot token's row from the 8-bit rows;
 - weights are read one at a time from the memory-mapped external data, so peak memory stays near
   the output size, and GPTQ's Hessians are gathered in groups that fit a memory budget.
 """
@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from exporter.quantize.packing import pack_matmuls
+from exporter.quantize.residual_norm import fuse_residual_norms
 from runtime.errors import KoedgeError
 
 ALGOS = ("rtn", "hqq", "gptq", "k_quant", "best")  # best: rtn or k_quant per MatMul, by measured error
@@ -72,9 +73,10 @@ class Int4Config:
     # activations) at 8 bits while it fits. Replaces `int8`.
     size_budget_mb: float | None = None
     sensitivity_samples: int = 16  # calibration sequences (256 tokens) for the sensitivity / best-algo measurement
-    # q/k/v and gate/up (MatMuls of one input at one width) as one MatMulNBits and a Split: fewer kernel calls
-    # per token (exporter/quantize/packing.py); the same numbers
-    pack: bool = True
+    # q/k/v and gate/up (MatMuls of one input at one width) as one MatMulNBits and a Split, and each residual
+    # Add with the RMSNorm after it as one SkipSimplifiedLayerNormalization: fewer kernel calls per token
+    # (exporter/quantize/packing.py, residual_norm.py), the same numbers
+    fuse: bool = True
 
     def check(self) -> None:
         if self.algo not in ALGOS:
@@ -489,74 +491,78 @@ def _gather_rows(writer: GraphWriter, prefix: str, packed: Packed, names: list[s
 
 @dataclass
 class SplitTable:
-    """A [V, H] table as two MatMulNBits-layout tensors: `hot` rows at 8 bits, the others at 4."""
+    """A [V, H] table as two MatMulNBits-layout tensors: every row at 4 bits, and the `hot` rows again at 8.
+
+    The LM head computes all logits from the 4-bit rows and overwrites the hot ones (ScatterElements of a few
+    thousand values); reordering two halves' logits into token order instead cost a Gather over the whole
+    vocabulary, 1.1 ms of gemma-3-270m's 15 ms decode step (262k logits). The hot rows' 4-bit copies cost
+    ~0.5 byte each per weight (gemma-3-270m: +2.4 MB); the embedding reads a token's row from the half that
+    holds it at 8 bits if any.
+    """
 
     hot: np.ndarray  # token ids, ascending
-    cold: np.ndarray
-    hot_packed: Packed
-    cold_packed: Packed
-    position: np.ndarray  # int32 [V]: token id -> its row in [hot rows..., cold rows...]
+    hot_packed: Packed  # the hot rows, 8 bits
+    all_packed: Packed  # every row, 4 bits
+    position: np.ndarray  # int32 [V]: token id -> its row in hot_packed, -1 if not hot
 
     @property
     def nbytes(self) -> int:
-        return self.hot_packed.nbytes + self.cold_packed.nbytes + self.position.nbytes
+        return self.hot_packed.nbytes + self.all_packed.nbytes + self.position.nbytes
 
 
 def split_table(matrix: np.ndarray, hot: np.ndarray, config: Int4Config, algo: str, hessian: np.ndarray | None,
                 block: int) -> SplitTable:
     vocab = matrix.shape[0]
-    cold = np.setdiff1d(np.arange(vocab), hot)
-    position = np.empty(vocab, np.int32)
-    position[hot], position[cold] = np.arange(len(hot)), len(hot) + np.arange(len(cold))
-    # the hot rows keep the MatMuls' block; `block` (the table's) applies to the 4-bit rest
+    position = np.full(vocab, -1, np.int32)
+    position[hot] = np.arange(len(hot))
+    # the hot rows keep the MatMuls' block; `block` (the table's) applies to the 4-bit rows
     hot_packed = quantize_weight(np.asarray(matrix[hot], np.float32).T, 8, config, algo="rtn", block=config.block_size)
-    cold_packed = quantize_weight(np.asarray(matrix[cold], np.float32).T, 4, config, algo=algo, hessian=hessian,
-                                  block=block)
-    return SplitTable(hot, cold, hot_packed, cold_packed, position)
+    all_packed = quantize_weight(np.asarray(matrix, np.float32).T, 4, config, algo=algo, hessian=hessian, block=block)
+    return SplitTable(hot, hot_packed, all_packed, position)
 
 
 def _split_names(writer: GraphWriter, prefix: str, split: SplitTable) -> tuple[list[str], list[str], str]:
-    return (writer.add_packed(f"{prefix}_hot", split.hot_packed), writer.add_packed(f"{prefix}_cold", split.cold_packed),
+    return (writer.add_packed(f"{prefix}_hot", split.hot_packed), writer.add_packed(f"{prefix}_all", split.all_packed),
             writer.add(f"{prefix}_position", split.position))
 
 
 def _split_head(writer: GraphWriter, head: onnx.NodeProto, prefix: str, split: SplitTable,
                 names: tuple[list[str], list[str], str]) -> list[onnx.NodeProto]:
-    """Both halves' logits, concatenated, then gathered back into token order."""
-    hot_names, cold_names, position = names
-    parts = []
-    for part, packed, part_names in (("hot", split.hot_packed, hot_names), ("cold", split.cold_packed, cold_names)):
-        parts.append(writer.matmul_nbits([f"{head.output[0]}_{part}"], head.input[0], part_names, packed,
-                                         packed.data.shape[0], f"{head.name}_{part}_Q"))
-    concat = helper.make_node("Concat", [node.output[0] for node in parts], [f"{head.output[0]}_split"],
-                              name=f"{prefix}_logits_concat", axis=-1)
-    order = helper.make_node("Gather", [concat.output[0], position], list(head.output), name=f"{prefix}_logits_order",
-                             axis=-1)
-    return [*parts, concat, order]
+    """Every logit from the 4-bit rows, then the hot tokens' logits from the 8-bit rows written over them."""
+    hot_names, all_names, _ = names
+    out = head.output[0]
+    nodes = [writer.matmul_nbits([f"{out}_all"], head.input[0], all_names, split.all_packed,
+                                 split.all_packed.data.shape[0], f"{head.name}_all_Q"),
+             writer.matmul_nbits([f"{out}_hot"], head.input[0], hot_names, split.hot_packed,
+                                 split.hot_packed.data.shape[0], f"{head.name}_hot_Q")]
+    hot_ids = writer.add(f"{prefix}_hot_ids", split.hot.astype(np.int64))
+    nodes += [  # ScatterElements wants indices shaped like the updates: [batch, positions, hot]
+        helper.make_node("Shape", [f"{out}_hot"], [f"{out}_hot_shape"], name=f"{prefix}_hot_shape"),
+        helper.make_node("Expand", [hot_ids, f"{out}_hot_shape"], [f"{out}_hot_ids"], name=f"{prefix}_hot_ids"),
+        helper.make_node("ScatterElements", [f"{out}_all", f"{out}_hot_ids", f"{out}_hot"], list(head.output),
+                         name=f"{prefix}_logits_hot", axis=-1),
+    ]
+    return nodes
 
 
 def _split_gather(writer: GraphWriter, table: Table, prefix: str, split: SplitTable,
                   names: tuple[list[str], list[str], str], hidden: int) -> None:
-    """Each token's row from the half that holds it: both halves gathered at clamped indices, then Where."""
-    hot_names, cold_names, position = names
+    """Each token's row at 8 bits if it is hot, else at 4: both gathered (the hot index clamped), then Where."""
+    hot_names, all_names, position = names
     ids, output, n_hot = table.gather.input[1], table.gather.output[0], len(split.hot)
-    hot_count = writer.add(f"{prefix}_hot_count", np.array(n_hot, np.int32))
-    last_hot = writer.add(f"{prefix}_last_hot", np.array(n_hot - 1, np.int32))
     zero = writer.add(f"{prefix}_zero", np.array(0, np.int32))
     minus_one = writer.add(f"{prefix}_minus_one", np.array([-1], np.int64))
     nodes = [
         helper.make_node("Gather", [position, ids], [f"{prefix}_pos"], name=f"{prefix}_pos", axis=0),
-        helper.make_node("Less", [f"{prefix}_pos", hot_count], [f"{prefix}_is_hot"], name=f"{prefix}_is_hot"),
-        helper.make_node("Min", [f"{prefix}_pos", last_hot], [f"{prefix}_hot_index"], name=f"{prefix}_hot_index"),
-        helper.make_node("Sub", [f"{prefix}_pos", hot_count], [f"{prefix}_cold_shift"], name=f"{prefix}_cold_shift"),
-        helper.make_node("Max", [f"{prefix}_cold_shift", zero], [f"{prefix}_cold_index"], name=f"{prefix}_cold_index"),
+        helper.make_node("GreaterOrEqual", [f"{prefix}_pos", zero], [f"{prefix}_is_hot"], name=f"{prefix}_is_hot"),
+        helper.make_node("Max", [f"{prefix}_pos", zero], [f"{prefix}_hot_index"], name=f"{prefix}_hot_index"),
         *_gather_rows(writer, f"{prefix}_hot", split.hot_packed, hot_names, f"{prefix}_hot_index",
                       f"{output}_hot", n_hot, hidden),
-        *_gather_rows(writer, f"{prefix}_cold", split.cold_packed, cold_names, f"{prefix}_cold_index",
-                      f"{output}_cold", len(split.cold), hidden),
+        *_gather_rows(writer, f"{prefix}_all", split.all_packed, all_names, ids, f"{output}_all",
+                      split.all_packed.data.shape[0], hidden),
         helper.make_node("Unsqueeze", [f"{prefix}_is_hot", minus_one], [f"{prefix}_is_hot_3d"],
                          name=f"{prefix}_is_hot_3d"),
-        helper.make_node("Where", [f"{prefix}_is_hot_3d", f"{output}_hot", f"{output}_cold"], [output],
+        helper.make_node("Where", [f"{prefix}_is_hot_3d", f"{output}_hot", f"{output}_all"], [output],
                          name=f"{prefix}_rows"),
     ]
     writer.swap(table.gather, nodes, dropped=table.weight)
@@ -710,12 +716,13 @@ def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
     float_bytes += table_result.pop("float_bytes", 0)
     quant_bytes += table_result.pop("quant_bytes", 0)
     writer.apply()
-    packed_groups = pack_matmuls(model) if config.pack else 0
+    packed_groups = pack_matmuls(model) if config.fuse else 0
+    norms_fused = fuse_residual_norms(model) if config.fuse else 0
     _save(model, src, dst)
     onnx.checker.check_model(str(dst / ONNX_FILE))
     return {
         "matmuls_int4": len(mix["int4"]), "matmuls_int8": len(mix["int8"]), "int8_matmuls": mix["int8"],
-        "matmuls_packed": packed_groups, **table_result,
+        "matmuls_packed": packed_groups, "residual_norms_fused": norms_fused, **table_result,
         "weight_bytes_before": int(float_bytes), "weight_bytes_after": int(quant_bytes),
         "quantize_seconds": round(time.perf_counter() - started, 1),
     }

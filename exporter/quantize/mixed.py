@@ -104,9 +104,9 @@ def plan_bits(src: Path, config, progress: Callable[[str], None]) -> dict[str, t
             split = bits == 4 and config.hot_rows > 0
             block = config.embedding_block_size or (COLD_BLOCK if split else config.block_size)
             one = packed_bytes(hidden, vocab, bits, block) if bits else vocab * hidden * 4
-            if split:  # at most this many rows at 8 bits (the MatMuls' block), and the row order
+            if split:  # every row at 4 bits, at most this many again at 8 (the MatMuls' block), and their positions
                 hot = min(config.hot_rows, vocab)
-                one += packed_bytes(hidden, hot, 8, config.block_size) - packed_bytes(hidden, hot, 4, block) + 4 * vocab
+                one += packed_bytes(hidden, hot, 8, config.block_size) + 8 * hot + 4 * vocab
             table_bytes = one * (1 if table.tied or table.lm_head is None else 2)
             quantized |= {table.weight, table.lm_weight}
         # + what grows besides the weights: new nodes and the manifest's record of the mix
