@@ -205,6 +205,17 @@ def build(name: str, args: argparse.Namespace) -> None:
 
 
 # --- measuring ---------------------------------------------------------------------------------
+def fingerprint(bundle: Path) -> str:
+    """Changes when the bundle is rebuilt: its manifest and the sizes and times of its files."""
+    import hashlib
+
+    digest = hashlib.sha256((bundle / "koedge.json").read_bytes())
+    for path in sorted(bundle.iterdir()):
+        if path.is_file():
+            digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
 def evaluate_bundle(bundle: Path, reference: Path | None, args: argparse.Namespace) -> dict:
     """runtime.evaluate on the standard passages (+ NSMC), cached in the bundle's folder by config."""
     from runtime.evaluate import EvalConfig, eval_texts, evaluate
@@ -212,7 +223,8 @@ def evaluate_bundle(bundle: Path, reference: Path | None, args: argparse.Namespa
     from runtime.session import SessionConfig
 
     config = EvalConfig(max_samples=args.max_samples, tasks=tuple(args.tasks), task_samples=args.task_samples)
-    key = json.loads(json.dumps({"config": asdict(config), "reference": str(reference) if reference else None}))
+    key = json.loads(json.dumps({"config": asdict(config), "reference": str(reference) if reference else None,
+                                 "bundles": [fingerprint(bundle), fingerprint(reference) if reference else None]}))
     cache = Path(args.out) / f"eval-{bundle.name}.json"
     if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
         return json.loads(cache.read_text())["result"]
