@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import requires_data
 from tiny_models import ARCHITECTURES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +126,23 @@ def test_engine_penalty_stop_and_broken_hangul_equal_koedge_run(arch, tiny_bundl
     got = assert_same_run(engine_jar, bundle, UNSEEN_KOREAN, *options)
     _, tokens = python_tokens(bundle, UNSEEN_KOREAN, 64, repetition_penalty=1.3, stop=["다", "요!"])
     assert got["tokens"] == tokens
+
+
+@requires_data
+def test_engine_equals_koedge_run_on_the_phone_int4_graph(tiny_bundles, engine_jar, tmp_path):
+    """The phone recipes' quantized graph on the JVM: packed MatMulNBits + Split, SkipSimplifiedLayerNormalization,
+    and the split table (4-bit rows, Korean rows again at 8 bits, ScatterElements over the logits)."""
+    from exporter.quantize import quantize_bundle
+    from exporter.quantize.int4 import Int4Config
+
+    bundle = tmp_path / "phone-int4"
+    config = Int4Config(algo="rtn", embedding="int4", hot_rows=40)  # recipes/phone-small.toml, rtn for speed
+    results = quantize_bundle(tiny_bundles["gemma3_text"], bundle, config, progress=lambda message: None,
+                              evaluate=False).report["results"]
+    assert results["hot_rows"] == 40 and results["matmuls_packed"] and results["residual_norms_fused"]
+    got = assert_same_run(engine_jar, bundle, KOREAN_PROMPT, "--max-new-tokens", "64", "--ignore-eos")
+    _, tokens = python_tokens(bundle, KOREAN_PROMPT, 64, stop_at_eos=False)
+    assert got["tokens"] == tokens and len(tokens) == 64
 
 
 def test_engine_prefill_in_chunks_equals_koedge_run(tiny_bundles, engine_jar):
