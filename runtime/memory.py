@@ -148,7 +148,9 @@ PREPACKED_SHARE = 0.2
 
 
 def tied_quantized_embedding_bytes(manifest: Manifest) -> int:
-    """Bytes of a quantized embedding shared with the LM head (0 when untied or left in float)."""
+    """Bytes of a quantized embedding shared with the LM head that stay resident besides the head's pre-packed
+    copy (0 when untied or left in float): the whole table, or a split table's hot rows (phone-int4: predicted
+    565 MiB with the whole table counted, 486 measured; docs/memory.md)."""
     if not any(record.results.get("tied_embedding_shared") for record in manifest.passes if record.name == "export"):
         return 0
     gguf = next((record for record in manifest.passes if record.name == "gguf-exact"), None)
@@ -158,6 +160,8 @@ def tied_quantized_embedding_bytes(manifest: Manifest) -> int:
         bits, block = 8, 32  # recorded before tied_table_bytes existed: gemma's table is Q8_0
     else:
         quantize = next((record for record in manifest.passes if record.name == "quantize-int4"), None)
+        if quantize is not None and quantize.results.get("tied_gather_bytes"):  # a split table (hot rows): Korean
+            return int(quantize.results["tied_gather_bytes"])  # text gathers the hot rows, not the 4-bit ones
         if quantize is not None and quantize.results.get("tied_table_bytes"):  # recorded since hot rows exist
             return int(quantize.results["tied_table_bytes"])
         bits = {"int4": 4, "int8": 8}.get((quantize.config if quantize else {}).get("embedding"))

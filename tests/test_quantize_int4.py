@@ -162,6 +162,13 @@ def test_hot_rows_are_8_bit_and_back_in_token_order(tiny_bundles, tmp_path, arch
     vocab = reader.shape(table.weight)[0]
     hot = hot_tokens(src, config, vocab)
     assert result.report["results"]["hot_rows"] == len(hot) == 40
+    if table.tied:  # the memory budget counts twice only what the gather reads from the file: the hot rows
+        from runtime.bundle import read_manifest
+        from runtime.memory import tied_quantized_embedding_bytes
+
+        results = result.report["results"]
+        assert 0 < results["tied_gather_bytes"] < results["tied_table_bytes"]
+        assert tied_quantized_embedding_bytes(read_manifest(result.folder)) == results["tied_gather_bytes"]
 
     def expected(matrix: np.ndarray) -> np.ndarray:  # [V, H] as the two halves store it
         split = split_table(matrix, hot, config, "rtn", None, COLD_BLOCK)

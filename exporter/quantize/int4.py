@@ -782,7 +782,9 @@ def _quantize_table(writer: GraphWriter, reader: WeightReader, table: Table | No
         if table.tied:
             writer.swap(table.lm_head, _split_head(writer, table.lm_head, table.weight, split, names))
             _drop_transpose(writer, table)
-            return {**result, "tied_table_bytes": split.nbytes}
+            # the head reads its pre-packed copy; the gather reads from the file mostly the hot rows
+            resident = split.hot_packed.nbytes + split.position.nbytes
+            return {**result, "tied_table_bytes": split.nbytes, "tied_gather_bytes": resident}
     else:
         packed = quantize_weight(embedding.T, bits, config, algo=algo, hessian=hessian, block=block)
         result["quant_bytes"] = packed.nbytes
