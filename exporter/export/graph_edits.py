@@ -263,12 +263,15 @@ def fold_reshape_shapes(model: onnx.ModelProto) -> int:
     producers = {output: node for node in model.graph.node for output in node.output}
     outputs = {output.name for output in model.graph.output}
     changed = 0
+    def plain_reshape(node: onnx.NodeProto | None) -> bool:  # allowzero=1 makes a 0 in the target a real 0
+        return node is not None and node.op_type == "Reshape" and not any(
+            a.name == "allowzero" and a.i == 1 for a in node.attribute)
+
     for node in model.graph.node:
-        if node.op_type != "Reshape" or any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
+        if not plain_reshape(node):
             continue
         source = node.input[0]
-        while producers.get(source) is not None and producers[source].op_type == "Reshape" and not any(
-                a.name == "allowzero" and a.i == 1 for a in producers[source].attribute):
+        while plain_reshape(producers.get(source)):
             source = producers[source].input[0]  # a Reshape of a Reshape reads the first one's input
         constant = node.input[1] in inits or producers.get(node.input[1], node).op_type == "Constant"
         if constant and source == node.input[0]:

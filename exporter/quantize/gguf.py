@@ -28,10 +28,8 @@ import onnx
 from onnx import helper
 
 from exporter.quantize.gguf_blocks import Codes, decode, read_quantized
-from exporter.quantize.packing import pack_matmuls
-from exporter.quantize.residual_norm import fuse_residual_norms
 from exporter.quantize.int4 import (ONNX_FILE, GraphWriter, Packed, Table, WeightReader, _from_codes, _save,
-                                    find_table, is_quantized)
+                                    find_table, fuse_kernels, is_quantized)
 from runtime.errors import KoedgeError
 
 FINGERPRINT_ROWS = 8192
@@ -291,8 +289,7 @@ def gguf_exact(src: str | Path, dst: str | Path, config: GgufConfig, progress: C
         raise KoedgeError(f"no weight of {src} equals a quantized tensor of {Path(config.gguf).name}: "
                           f"was the bundle exported from this GGUF?")
     writer.apply()
-    packed_groups = pack_matmuls(model) if config.fuse else 0
-    norms_fused = fuse_residual_norms(model) if config.fuse else 0
+    fused = fuse_kernels(model, config.fuse)
     _save(model, src, dst)
     onnx.checker.check_model(str(dst / ONNX_FILE))
     left = sorted(set(index.codes) - set(stats["tensors"]))
@@ -300,6 +297,6 @@ def gguf_exact(src: str | Path, dst: str | Path, config: GgufConfig, progress: C
             "gguf_tensors_unused": left, "matmuls_float": unmatched, "table_exact": bool(handled),
             "tied_shared": bool(table and table.tied and len(handled) == 2),
             "tied_table_bytes": stats.get("tied_table_bytes", 0),
-            "matmuls_packed": packed_groups, "residual_norms_fused": norms_fused,
+            **fused,
             "weight_bytes_before": stats["float_bytes"], "weight_bytes_after": stats["quant_bytes"],
             "quantize_seconds": round(time.perf_counter() - started, 1)}

@@ -716,13 +716,12 @@ def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
     float_bytes += table_result.pop("float_bytes", 0)
     quant_bytes += table_result.pop("quant_bytes", 0)
     writer.apply()
-    packed_groups = pack_matmuls(model) if config.fuse else 0
-    norms_fused = fuse_residual_norms(model) if config.fuse else 0
+    fused = fuse_kernels(model, config.fuse)
     _save(model, src, dst)
     onnx.checker.check_model(str(dst / ONNX_FILE))
     return {
         "matmuls_int4": len(mix["int4"]), "matmuls_int8": len(mix["int8"]), "int8_matmuls": mix["int8"],
-        "matmuls_packed": packed_groups, "residual_norms_fused": norms_fused, **table_result,
+        **fused, **table_result,
         "weight_bytes_before": int(float_bytes), "weight_bytes_after": int(quant_bytes),
         "quantize_seconds": round(time.perf_counter() - started, 1),
     }
@@ -808,6 +807,12 @@ def _quantize_table(writer: GraphWriter, reader: WeightReader, table: Table | No
         writer.swap(table.lm_head, head_nodes, dropped=table.lm_weight)
         result["float_bytes"] += head.nbytes
     return result
+
+
+def fuse_kernels(model: onnx.ModelProto, enabled: bool) -> dict:
+    """The quantized graph's fusions (packed MatMulNBits, residual Add + RMSNorm), counted for the manifest."""
+    return {"matmuls_packed": pack_matmuls(model) if enabled else 0,
+            "residual_norms_fused": fuse_residual_norms(model) if enabled else 0}
 
 
 def _save(model: onnx.ModelProto, src: Path, dst: Path) -> None:

@@ -9,6 +9,8 @@ quantization: the INT8 SmoothQuant pass reads the norm's weight Mul, which this 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -52,9 +54,26 @@ def _other(node: onnx.NodeProto, name: str) -> str:
     return node.input[1] if node.input[0] == name else node.input[0]
 
 
-def _match(g: _Graph, reduce: onnx.NodeProto):
-    """The RMSNorm ending the chain through `reduce` (ReduceMean of x²), when x is a residual Add's sum:
-    (add, sum name others read, gamma, epsilon, nodes to remove, norm output), else None."""
+@dataclass
+class _ResidualNorm:
+    """A residual Add and the RMSNorm of its sum, as found in the traced graph."""
+
+    add: onnx.NodeProto
+    sum_name: str  # what the other readers of the sum read (the Add's output, or its float Cast's)
+    gamma: str
+    epsilon: float
+    nodes: list[onnx.NodeProto]  # every node the fused one replaces, the Add included
+    output: str  # the norm's output
+
+    def fused(self) -> onnx.NodeProto:
+        return helper.make_node(
+            "SkipSimplifiedLayerNormalization", [self.add.input[0], self.add.input[1], self.gamma],
+            [self.output, "", "", self.sum_name], name=self.add.name + "_SkipSimplifiedLayerNorm",
+            domain="com.microsoft", epsilon=self.epsilon)
+
+
+def _match(g: _Graph, reduce: onnx.NodeProto) -> _ResidualNorm | None:
+    """The RMSNorm ending the chain through `reduce` (ReduceMean of x²), when x is a residual Add's sum."""
     if any(a.name == "keepdims" and a.i == 0 for a in reduce.attribute):
         return None
     axes = g.constant(reduce.input[1]) if len(reduce.input) > 1 else next(
@@ -99,8 +118,8 @@ def _match(g: _Graph, reduce: onnx.NodeProto):
     if gamma not in g.inits or len(g.inits[gamma].dims) != 1:
         return None
     chain.append(weight)
-    return add, x, gamma, float(np.asarray(epsilon).reshape(-1)[0]), [add, *([cast] if cast else []), *chain], \
-        weight.output[0]
+    return _ResidualNorm(add, x, gamma, float(np.asarray(epsilon).reshape(-1)[0]),
+                         [add, *([cast] if cast else []), *chain], weight.output[0])
 
 
 def fuse_residual_norms(model: onnx.ModelProto) -> int:
@@ -110,12 +129,8 @@ def fuse_residual_norms(model: onnx.ModelProto) -> int:
     found = [match for node in model.graph.node if node.op_type == "ReduceMean" and (match := _match(g, node))]
     if not found:
         return 0
-    removed = {id(node) for match in found for node in match[4]}
-    at_add = {}
-    for add, sum_name, gamma, epsilon, _, output in found:
-        at_add[id(add)] = helper.make_node(
-            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], gamma], [output, "", "", sum_name],
-            name=add.name + "_SkipSimplifiedLayerNorm", domain="com.microsoft", epsilon=epsilon)
+    removed = {id(node) for match in found for node in match.nodes}
+    at_add = {id(match.add): match.fused() for match in found}
     nodes = []
     for node in model.graph.node:
         if id(node) in at_add:
