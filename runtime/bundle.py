@@ -32,6 +32,7 @@ class TensorSpec:
 
 
 LOGITS_TO_KEEP = "logits_to_keep"  # the exporter's optional input (exporter/export/graph_edits.py)
+KV_WINDOW_OFFSET = "kv_window_offset"  # the exporter's input for sliding-window views (exporter/export/kv_window.py)
 
 
 @dataclass
@@ -54,6 +55,11 @@ class IOContract:
     # positions to allocate that buffer for at the first step (the context a recipe sets); None: what the
     # first call needs (at least 256), doubling when a run outgrows it; never more than max_positions
     kv_buffer_length: int | None = None
+    # int64 [1] input: where the sliding-window layers' KV views start (0: the whole buffer). The layers it
+    # applies to and their window (GQA local_window_size); runtime/kvcache.py binds those views.
+    kv_window_offset: str | None = None
+    kv_window_layers: list[int] | None = None
+    kv_window: int | None = None
 
     def input_names(self) -> list[str]:
         return [spec.name for spec in self.inputs]

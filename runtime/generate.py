@@ -73,6 +73,8 @@ class Sampler:
         self.rng = np.random.default_rng(config.seed)
 
     def __call__(self, logits: np.ndarray, seen: list[int]) -> int:
+        if self.config.temperature == 0 and self.config.repetition_penalty == 1.0:
+            return int(np.argmax(logits))  # plain greedy: no copy of the (262k-wide) row
         scores = self.process(logits, seen)
         if self.config.temperature == 0:
             return int(np.argmax(scores))
@@ -137,8 +139,9 @@ class Generator:
         prefill_seconds = time.perf_counter() - started
         tokens: list[int] = []
         reason, first_at = "length", None
+        penalized = config.repetition_penalty != 1.0  # only a penalty reads the tokens seen so far
         while True:
-            token = sampler(logits[0], prompt + tokens)
+            token = sampler(logits[0], prompt + tokens if penalized else [])
             tokens.append(token)
             if first_at is None:
                 first_at = time.perf_counter()

@@ -23,8 +23,18 @@ tokens (docs/memory.md). The cache never goes through numpy. Only logits come ba
 into a numpy buffer we bind (no copy): the last position's only, where the bundle has the exporter's
 `logits_to_keep` input, else every position's, of which a prefill keeps the last row.
 
+Bindings persist between steps: a name bound again replaces its value, so a decode step rebinds only the
+small inputs (ids, mask, positions); the KV buffers and the logits buffer stay bound until they change.
+Rebinding all of them and a fresh logits buffer every step cost gemma-3-270m ~0.3 ms of a 9 ms step in
+Python alone (docs/memory.md).
+
 Sliding-window models (gemma3_text, exaone4) keep the full KV in these graphs; the window is
 applied by the graph (GQA's `local_window_size`, or the mask Optimum's graph builds), so nothing is trimmed here.
+But the CPU kernel multiplies the query with every cached position before it masks, so where the manifest
+names a `kv_window_offset` input (exporter/export/kv_window.py) a decode step binds each sliding-window
+layer's buffer as a view that starts at most a window back (moving in steps of window/8, so views are
+rebound every few dozen tokens, not every step) and feeds that start. Only for batch × KV heads = 1, where
+such a view is one contiguous tensor (gemma-3-270m); a prefill sees the whole buffer.
 """
 
 from __future__ import annotations
@@ -59,6 +69,16 @@ class BoundCache:
         self._buffers: list[np.ndarray] = []  # in place: [batch, heads, capacity, head_dim] per name
         self._slabs: list[list[np.ndarray]] = [[], []]  # ping-pong: two flat slabs per name
         self._side = 0  # ping-pong: the slab set that holds the past
+        self._kv_bound = False  # in place: the buffers are bound as past and present (until they grow)
+        self._bound_offset = 0  # where the sliding-window layers' bound views start
+        self._views: list[ort.OrtValue] = []  # those views (kept alive while bound)
+        info = lm.manifest.model
+        self._window_slots = set()  # positions in past_names of the layers that get views
+        if self.in_place and self.io.kv_window_offset and batch * info.num_kv_heads == 1 and self.io.kv_window:
+            self._window_slots = {2 * layer + kind for layer in self.io.kv_window_layers or [] for kind in (0, 1)}
+        self._logits: np.ndarray | None = None  # the bound logits buffer, reused while its shape holds
+        self._step = StepInputs(lm, batch)
+        self._step_bound = False  # the decode-step inputs are the ones bound (a prefill binds its own)
         self.reset()
 
     def reset(self) -> None:
@@ -95,6 +115,7 @@ class BoundCache:
                 new[:, :, :self.length] = old[:, :, :self.length]
             self._buffers = buffers
             self._past = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in buffers]
+            self._kv_bound = False
             return
         used = self.length * self._position_size  # the past lies contiguous at the start of its slab
         slabs = [[np.zeros(tokens * self._position_size, self.kv_dtype) for _ in self.past_names] for _ in range(2)]
@@ -116,6 +137,7 @@ class BoundCache:
 
         `chunk` splits a long prefill into calls of at most that many tokens (runtime.memory.prefill_chunk_for):
         it bounds the attention scores, and the logits of graphs that return every position's.
+        The returned logits may be a view of the bound buffer: the next `run` overwrites them (copy to keep).
         """
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim == 1:
@@ -133,21 +155,21 @@ class BoundCache:
 
     def _call(self, ids: np.ndarray) -> np.ndarray:
         seq = ids.shape[1]
-        feeds = self.lm.feeds(ids, self.length, last_only=True)
-        rows = 1 if self.lm.keeps_last_logits else seq
         binding = self.binding
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
-        keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for value in feeds.values()]
-        for name, value in zip(feeds, keep):
-            binding.bind_ortvalue_input(name, value)
-        logits = np.empty((self.batch, rows, self.vocab), self.logits_dtype)
-        binding.bind_output(self.io.logits, "cpu", 0, self.logits_dtype, list(logits.shape), logits.ctypes.data)
-        if self.in_place:  # the same buffer in and out: the kernel appends in place
-            for name, value in zip(self.past_names, self._past):
+        offset = self._window_offset(seq)
+        if seq == 1:  # a decode step: write into the bound inputs
+            self._step.bind(binding, ids, self.length, offset, rebind=not self._step_bound)
+            self._step_bound = True
+        else:
+            feeds = self.lm.feeds(ids, self.length, last_only=True)
+            keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for value in feeds.values()]
+            for name, value in zip(feeds, keep):  # replaces the previous call's binding of the name
                 binding.bind_ortvalue_input(name, value)
-            for name, value in zip(self.present_names, self._past):
-                binding.bind_ortvalue_output(name, value)
+            self._step_bound = False
+        logits = self._bind_logits(1 if self.lm.keeps_last_logits else seq)
+        if self.in_place:  # the same buffer in and out: the kernel appends in place
+            if not self._kv_bound or offset != self._bound_offset:
+                self._bind_in_place(offset)
         else:  # past from one slab, present into the other
             past_shape, present_shape = list(self._shape(self.length)), list(self._shape(self.length + seq))
             for name, slab in zip(self.past_names, self._slabs[self._side]):
@@ -158,13 +180,69 @@ class BoundCache:
         if not self.in_place:
             self._side = 1 - self._side
         self.length += seq
-        return logits[:, -1, :].copy() if rows > 1 else logits[:, 0, :]
+        return logits[:, -1, :].copy() if logits.shape[1] > 1 else logits[:, 0, :]
+
+    def _window_offset(self, seq: int) -> int:
+        """Where the sliding-window layers' views start for a call of `seq` tokens: 0 for a prefill, else a
+        multiple of window/8 at most `length - window` (the oldest position the window reads, one to spare)."""
+        if not self._window_slots or seq != 1:
+            return 0
+        step = max(1, self.io.kv_window // 8)
+        return max(0, (self.length - self.io.kv_window) // step * step)
+
+    def _bind_in_place(self, offset: int) -> None:
+        """Bind each buffer as its layer's past and present: from `offset` on for the sliding-window layers."""
+        self._views = []
+        for slot, (past, present, value) in enumerate(zip(self.past_names, self.present_names, self._past)):
+            if offset and slot in self._window_slots:
+                view = self._buffers[slot][:, :, offset:, :]
+                assert view.flags["C_CONTIGUOUS"]  # one KV head: the view is the buffer's tail
+                value = ort.OrtValue.ortvalue_from_numpy(view)
+                self._views.append(value)
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_ortvalue_output(present, value)
+        self._kv_bound, self._bound_offset = True, offset
+
+    def _bind_logits(self, rows: int) -> np.ndarray:
+        """The logits output buffer [batch, rows, vocab]: bound again only when its shape changes."""
+        shape = (self.batch, rows, self.vocab)
+        if self._logits is None or self._logits.shape != shape:
+            self._logits = np.empty(shape, self.logits_dtype)
+            self.binding.bind_output(self.io.logits, "cpu", 0, self.logits_dtype, list(shape), self._logits.ctypes.data)
+        return self._logits
 
     def kv_bytes(self) -> int:
         """Bytes the cache holds now (one past or present set; in place: the whole preallocated buffers)."""
         if self.in_place:
             return sum(buffer.nbytes for buffer in self._buffers)
         return len(self.past_names) * self.length * self._position_size * self.kv_dtype.itemsize
+
+
+class StepInputs:
+    """The non-KV inputs of one-token steps (`CausalLM.feeds`), kept bound from step to step: a step writes its
+    token, position and window offset into the bound arrays and binds only the attention mask, which grows."""
+
+    def __init__(self, lm: CausalLM, batch: int):
+        template = lm.feeds(np.zeros((batch, 1), np.int64), 0, last_only=True)
+        self.arrays = {name: np.ascontiguousarray(value) for name, value in template.items() if name != "attention_mask"}
+        self.values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.arrays.items()}
+        self.window_input = lm.manifest.io.kv_window_offset
+        self.ones = np.ones((batch, 256), np.int64)
+        self.mask: ort.OrtValue | None = None
+
+    def bind(self, binding: ort.IOBinding, ids: np.ndarray, length: int, offset: int, rebind: bool) -> None:
+        self.arrays["input_ids"][:] = ids
+        if "position_ids" in self.arrays:
+            self.arrays["position_ids"][:] = length
+        if self.window_input:
+            self.arrays[self.window_input][:] = offset
+        if rebind:
+            for name, value in self.values.items():
+                binding.bind_ortvalue_input(name, value)
+        if self.ones.shape[1] < length + 1:
+            self.ones = np.ones((self.ones.shape[0], 2 * (length + 1)), np.int64)
+        self.mask = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self.ones[:, :length + 1]))  # batch 1: a view
+        binding.bind_ortvalue_input("attention_mask", self.mask)
 
 
 class NumpyCache:

@@ -118,6 +118,8 @@ class CausalLM:
             feeds["position_ids"] = np.broadcast_to(positions, (batch, seq)).copy()
         if self.keeps_last_logits:  # 1: the LM head on the last position only; 0: every position
             feeds[self.manifest.io.logits_to_keep] = np.full(1, 1 if last_only else 0, np.int64)
+        if self.manifest.io.kv_window_offset:  # 0: the sliding-window layers see their whole buffer
+            feeds[self.manifest.io.kv_window_offset] = np.zeros(1, np.int64)
         return feeds
 
     def step(self, input_ids: np.ndarray, past: Past, last_only: bool = False) -> StepOutput:

@@ -86,6 +86,24 @@ def test_in_place_loop_equals_numpy_loop_across_buffer_growth(arch, tiny_bundles
     assert bound.capacity > len(ids) + 4 and bound.length == plain.length
 
 
+def test_sliding_window_layers_decode_on_views_of_their_buffers(tiny_bundles):
+    """gemma3_text: the local layers' KV is bound from a window-sized tail on; logits equal the numpy loop's."""
+    lm = load(tiny_bundles["gemma3_text"])
+    io, info = lm.manifest.io, lm.manifest.model
+    local = [i for i, kind in enumerate(info.layer_types) if kind == "sliding_attention"]
+    assert io.kv_window_offset == "kv_window_offset" and io.kv_window_layers == local and io.kv_window == SLIDING_WINDOW
+    ids = lm.encode(PROMPT)
+    bound, plain = BoundCache(lm), NumpyCache(lm)
+    a, b = bound.run(ids), plain.run(ids)
+    offsets = set()
+    for _ in range(24):
+        token = int(b[0].argmax())
+        a, b = bound.run([token]), plain.run([token])
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        offsets.add(bound._bound_offset)
+    assert len(offsets) > 2 and max(offsets) <= bound.length - SLIDING_WINDOW  # the views moved, inside the window
+
+
 @pytest.mark.parametrize("arch", ["gemma3_text", "gpt_neox"])
 def test_float16_kv_cache_halves_the_buffer_and_keeps_the_logits(arch, tiny_checkpoints, tiny_bundles, tmp_path):
     from exporter.export.convert import ExportConfig, export_model

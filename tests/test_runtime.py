@@ -53,7 +53,10 @@ def test_bound_cache_equals_numpy_path(arch, tiny_bundles):
     for _ in range(20):
         token = int(a[0].argmax())
         a, b = bound.run([token]), plain.run([token])
-        np.testing.assert_array_equal(a, b)
+        if bound._bound_offset:  # sliding-window views: the local layers sum fewer (zero-weight) positions
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(a, b)
     assert bound.length == plain.length == len(ids) + 20
     if bound.in_place:  # fused export: the whole preallocated buffer
         assert bound.kv_bytes() == plain.kv_bytes() // bound.length * bound.capacity > 0

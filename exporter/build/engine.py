@@ -21,7 +21,7 @@ from exporter.export.sources import ResolvedModel, cache_root, resolve_model
 from runtime.bundle import MANIFEST, FileRecord, read_manifest, sha256_of, staged_folder
 from runtime.errors import KoedgeError
 
-BUILD_FORMAT = 7  # bump to invalidate every cached pass when pass semantics change (2: fused export, 3: dtype auto = gguf, 4: vocabulary defaults, 5: rotary in GQA + max_context, INT4 hot rows, 6: Reshape chains folded, packed MatMulNBits, 7: tied_gather_bytes for the budget)
+BUILD_FORMAT = 8  # bump to invalidate every cached pass when pass semantics change (2: fused export, 3: dtype auto = gguf, 4: vocabulary defaults, 5: rotary in GQA + max_context, INT4 hot rows, 6: Reshape chains folded, packed MatMulNBits, 7: tied_gather_bytes for the budget, 8: kv_window_offset)
 
 
 @dataclass

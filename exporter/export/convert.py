@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from runtime.bundle import (LOGITS_TO_KEEP, IOContract, Manifest, ModelInfo, PassRecord, SpecialTokens, TensorSpec,
-                            staged_folder, write_manifest)
+from runtime.bundle import (KV_WINDOW_OFFSET, LOGITS_TO_KEEP, IOContract, Manifest, ModelInfo, PassRecord, SpecialTokens,
+                            TensorSpec, staged_folder, write_manifest)
 from runtime.chat import derive_chat_format
 from runtime.generate import END_OF_TURN
 from runtime.errors import KoedgeError
@@ -187,6 +187,7 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
 
     from exporter.export.graph_edits import (add_logits_to_keep, fold_reshape_shapes, kv_in_float16, name_present_dims,
                                              rotary_table_bytes, share_tied_embedding)
+    from exporter.export.kv_window import add_kv_window_offset
 
     model = onnx.load(str(source))
     name_present_dims(model)
@@ -197,6 +198,7 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
     if tied:
         progress(f"tied embedding shared with the LM head ({tied.bytes_saved / 1e6:.0f} MB saved)")
     last_only = config.logits_to_keep_input and add_logits_to_keep(model)
+    window_layers = add_kv_window_offset(model) if config.attention == "fused" else []
     tables = rotary_table_bytes(model)
     onnx.save_model(model, str(folder / ONNX_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
@@ -205,7 +207,7 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
     onnx.checker.check_model(str(folder / ONNX_FILE))
     return {"tied_embedding_shared": bool(tied), "tied_bytes_saved": tied.bytes_saved if tied else 0,
             "logits_to_keep_input": bool(last_only), "reshape_shapes_folded": reshapes,
-            "rotary_table_bytes": tables}
+            "rotary_table_bytes": tables, "kv_window_layers": window_layers}
 
 
 def export_model(resolved: ResolvedModel, out: str | Path, config: ExportConfig | None = None,
@@ -278,6 +280,11 @@ def _export_float(resolved: ResolvedModel, out: str | Path, config: ExportConfig
         io.kv_dtype = past_key.dtype
         io.kv_shared_buffer = config.attention == "fused"  # GQA appends into the past buffer
         io.kv_buffer_length = config.kv_buffer_length if io.kv_shared_buffer else None
+        if graph_results["kv_window_layers"]:
+            from exporter.export.kv_window import window_size
+
+            io.kv_window_offset, io.kv_window_layers = KV_WINDOW_OFFSET, graph_results["kv_window_layers"]
+            io.kv_window = window_size(graph)  # GQA's local_window_size
         manifest = Manifest(model=_model_info(resolved, model, past_key, config.max_context), tokens=_special_tokens(model, tokenizer),
                             io=io, onnx_file=ONNX_FILE, passes=checkpoint_passes(resolved.path))
         write_manifest(folder, manifest)

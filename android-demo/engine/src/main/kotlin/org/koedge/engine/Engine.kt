@@ -295,6 +295,7 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
                 feeds["position_ids"] = longs(owned, LongArray(seq) { (length + it).toLong() }, longArrayOf(1, seq.toLong()))
             }
             lastOnlyInput?.let { feeds[it] = longs(owned, longArrayOf(1L), longArrayOf(1)) }
+            io.kvWindowOffset?.let { feeds[it] = longs(owned, longArrayOf(0L), longArrayOf(1)) } // whole buffers
             val pinned = LinkedHashMap<String, OnnxValue>()
             val logitsBuffer: ByteBuffer
             if (rows == 1) {

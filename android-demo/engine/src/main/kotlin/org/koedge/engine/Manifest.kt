@@ -18,6 +18,8 @@ class IOContract(
     val usesPositionIds: Boolean,
     val logitsToKeep: String?,
     val kvSharedBuffer: Boolean,
+    /** Input telling sliding-window layers where their KV view starts; this engine binds whole buffers: 0. */
+    val kvWindowOffset: String? = null,
 ) {
     fun pastNames(layers: Int): List<String> = (0 until layers).flatMap { listOf(fill(pastKey, it), fill(pastValue, it)) }
     fun presentNames(layers: Int): List<String> = (0 until layers).flatMap { listOf(fill(presentKey, it), fill(presentValue, it)) }
@@ -171,6 +173,7 @@ class Manifest(
                 usesPositionIds = io["uses_position_ids"] == true,
                 logitsToKeep = io["logits_to_keep"] as? String,
                 kvSharedBuffer = io["kv_shared_buffer"] == true,
+                kvWindowOffset = io["kv_window_offset"] as? String,
             )
             val passes = (data["passes"] as? List<*> ?: emptyList<Any?>()).map {
                 val record = it.obj("pass")
