@@ -109,6 +109,12 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
     private var side = 0
     private var shared: Array<ByteBuffer> = emptyArray()
     private var sharedTensors: Array<OnnxTensor> = emptyArray()
+    // sliding-window layers' views of their shared buffers (slot in pastNames -> tensor), and where they start
+    private val windowSlots: Set<Int>
+    private var windowViews: Map<Int, OnnxTensor> = emptyMap()
+    private var windowOffset = 0
+    /** Where the sliding-window layers' KV views start now (0: whole buffers). */
+    val windowStart: Int get() = windowOffset
     private var capacity = 0
     var length = 0
         private set
@@ -146,6 +152,8 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
         }
         vocab = (logitsSpec.shape.lastOrNull() as? Number)?.toInt() ?: manifest.model.vocabSize
         positionSize = manifest.model.numKvHeads * manifest.model.headDim
+        windowSlots = if (io.kvSharedBuffer && io.kvWindowOffset != null && io.kvWindow > 0 && manifest.model.numKvHeads == 1)
+            io.kvWindowLayers.flatMap { listOf(2 * it, 2 * it + 1) }.toSet() else emptySet()
         prefillChunk = when {
             options.prefillChunk == EngineOptions.AUTO -> Budget.prefillChunk(manifest)
             options.prefillChunk > 0 -> options.prefillChunk
@@ -242,6 +250,7 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
                 }
             }
             sharedTensors.forEach { it.close() }
+            closeWindowViews()
             shared = buffers
             val shape = longArrayOf(1, manifest.model.numKvHeads.toLong(), size.toLong(), manifest.model.headDim.toLong())
             sharedTensors = Array(buffers.size) { tensor(buffers[it], shape, kvType) }
@@ -295,7 +304,8 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
                 feeds["position_ids"] = longs(owned, LongArray(seq) { (length + it).toLong() }, longArrayOf(1, seq.toLong()))
             }
             lastOnlyInput?.let { feeds[it] = longs(owned, longArrayOf(1L), longArrayOf(1)) }
-            io.kvWindowOffset?.let { feeds[it] = longs(owned, longArrayOf(0L), longArrayOf(1)) } // whole buffers
+            val offset = windowOffsetFor(seq)
+            io.kvWindowOffset?.let { feeds[it] = longs(owned, longArrayOf(offset.toLong()), longArrayOf(1)) }
             val pinned = LinkedHashMap<String, OnnxValue>()
             val logitsBuffer: ByteBuffer
             if (rows == 1) {
@@ -309,9 +319,11 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
             val heads = manifest.model.numKvHeads.toLong()
             val dim = manifest.model.headDim.toLong()
             if (io.kvSharedBuffer) { // the same buffer in and out: the kernel appends in place
+                if (offset != windowOffset) moveWindowViews(offset)
                 for (i in pastNames.indices) {
-                    feeds[pastNames[i]] = sharedTensors[i]
-                    pinned[presentNames[i]] = sharedTensors[i]
+                    val kv = windowViews[i] ?: sharedTensors[i]
+                    feeds[pastNames[i]] = kv
+                    pinned[presentNames[i]] = kv
                 }
             } else { // past from one slab, present into the other
                 val pastBytes = length.toLong() * positionSize * kvElement
@@ -339,6 +351,34 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
             stepOrtNanos += ortNanos
             stepTotalNanos += System.nanoTime() - callStart
         }
+    }
+
+    /**
+     * Where the sliding-window layers' KV views start for a call of [seq] tokens, as runtime/kvcache.py: 0 for a
+     * prefill, else a multiple of window/8 at most `length - window`. onnxruntime's CPU attention multiplies the
+     * query with every position it is given before masking the ones outside the window; a view gives it the window.
+     */
+    private fun windowOffsetFor(seq: Int): Int {
+        if (windowSlots.isEmpty() || seq != 1) return 0
+        val step = maxOf(1, io.kvWindow / 8)
+        return maxOf(0, (length - io.kvWindow) / step * step)
+    }
+
+    /** Bind the sliding-window layers' buffers from [offset] on (one KV head: the buffer's tail is one tensor). */
+    private fun moveWindowViews(offset: Int) {
+        closeWindowViews()
+        val dim = manifest.model.headDim.toLong()
+        val shape = longArrayOf(1, 1, (capacity - offset).toLong(), dim)
+        windowViews = if (offset == 0) emptyMap() else windowSlots.associateWith {
+            tensor(tail(shared[it], offset * dim * kvElement), shape, kvType)
+        }
+        windowOffset = offset
+    }
+
+    private fun closeWindowViews() {
+        windowViews.values.forEach { it.close() }
+        windowViews = emptyMap()
+        windowOffset = 0
     }
 
     private fun readLastRow(buffer: ByteBuffer, rows: Int) {
@@ -414,6 +454,7 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
     }
 
     override fun close() {
+        closeWindowViews()
         sharedTensors.forEach { it.close() }
         stepLogitsTensor.close()
         session.close()
@@ -434,6 +475,13 @@ class Engine(folder: File, val options: EngineOptions = EngineOptions()) : AutoC
         internal fun direct(bytes: Long): ByteBuffer {
             if (bytes > Int.MAX_VALUE) throw KoedgeException("a buffer of $bytes bytes is too large")
             return ByteBuffer.allocateDirect(bytes.toInt()).order(ByteOrder.nativeOrder())
+        }
+
+        /** [buffer] from byte [from] on as its own direct buffer (same memory). */
+        internal fun tail(buffer: ByteBuffer, from: Long): ByteBuffer {
+            val d = buffer.duplicate()
+            (d as Buffer).position(from.toInt())
+            return d.slice().order(ByteOrder.nativeOrder())
         }
 
         /** The first [bytes] of [buffer] as its own direct buffer (same memory). */

@@ -136,7 +136,8 @@ private fun run(args: List<String>, out: PrintStream, err: PrintStream): Int {
         err.println(line)
         if (printIds) {
             err.println("{\"prompt\": ${result.promptTokens.joinToString(", ", "[", "]")}, " +
-                "\"tokens\": ${result.tokens.joinToString(", ", "[", "]")}, \"stop\": \"${result.stopReason}\"}")
+                "\"tokens\": ${result.tokens.joinToString(", ", "[", "]")}, \"stop\": \"${result.stopReason}\", " +
+                "\"kv_window_offset\": ${engine.windowStart}}")
         }
     }
     return 0

@@ -18,8 +18,10 @@ class IOContract(
     val usesPositionIds: Boolean,
     val logitsToKeep: String?,
     val kvSharedBuffer: Boolean,
-    /** Input telling sliding-window layers where their KV view starts; this engine binds whole buffers: 0. */
+    /** Input telling the sliding-window layers where their KV views start (0: whole buffers); see Engine.call. */
     val kvWindowOffset: String? = null,
+    val kvWindowLayers: List<Int> = emptyList(),
+    val kvWindow: Int = 0,
 ) {
     fun pastNames(layers: Int): List<String> = (0 until layers).flatMap { listOf(fill(pastKey, it), fill(pastValue, it)) }
     fun presentNames(layers: Int): List<String> = (0 until layers).flatMap { listOf(fill(presentKey, it), fill(presentValue, it)) }
@@ -174,6 +176,8 @@ class Manifest(
                 logitsToKeep = io["logits_to_keep"] as? String,
                 kvSharedBuffer = io["kv_shared_buffer"] == true,
                 kvWindowOffset = io["kv_window_offset"] as? String,
+                kvWindowLayers = (io["kv_window_layers"] as? List<*>)?.map { (it as Number).toInt() } ?: emptyList(),
+                kvWindow = (io["kv_window"] as? Number)?.toInt() ?: 0,
             )
             val passes = (data["passes"] as? List<*> ?: emptyList<Any?>()).map {
                 val record = it.obj("pass")
