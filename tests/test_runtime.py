@@ -129,6 +129,23 @@ def test_stream_keeps_leading_space_and_cuts_at_stop(tiny_bundles):
     assert shown == " 반갑습니다. 오늘 " and stream.stopped
 
 
+@pytest.mark.parametrize("ends_on_a_stop_token", [False, True])
+def test_text_decoded_at_the_end_equals_the_streamed_text(tiny_bundles, ends_on_a_stop_token):
+    """Without a listener or stop strings the text is decoded once after the loop: the same text, the ending
+    stop token left out."""
+    lm = load(tiny_bundles["qwen2"])
+    ids = lm.encode(KOREAN_PROMPT)
+    config = SamplingConfig(max_new_tokens=40, stop_at_eos=False)
+    if ends_on_a_stop_token:
+        config = SamplingConfig(max_new_tokens=40, stop_token_ids=[Generator(lm).generate(ids, config).tokens[12]])
+    pieces: list[str] = []
+    streamed = Generator(lm).generate(ids, config, on_text=pieces.append)
+    quiet = Generator(lm).generate(ids, config)
+    assert quiet.tokens == streamed.tokens and quiet.stop_reason == streamed.stop_reason
+    assert quiet.stop_reason == ("eos" if ends_on_a_stop_token else "length")
+    assert quiet.text == streamed.text == "".join(pieces) and quiet.text
+
+
 def test_generation_stops_at_stop_string(tiny_bundles):
     lm = load(tiny_bundles["qwen2"])
     ids = lm.encode(KOREAN_PROMPT)
