@@ -4,7 +4,7 @@ onnxruntime's CPU GroupQueryAttention applies `local_window_size` by zeroing the
 it still multiplies the query with every cached key and value. gemma-3-270m has 15 local layers of 18
 with a 512-token window, so at 768 positions each of them does half again the work it needs.
 
-This edit adds one graph input, `kv_window_offset` (int64 [1], default use 0): the position at which the
+This edit adds one graph input, `kv_window_offset` (int64 [1]; 0 = the whole buffer): the position at which the
 local layers' past/present buffers start. The runtime binds those layers' buffers as views that begin
 at that position (runtime/kvcache.py) and the graph tells their GQA nodes so:
 - `seqlens_k` and `total_sequence_length` minus the offset: the kernel's positions within the view;
@@ -14,7 +14,8 @@ the graph computes exactly what it computed before; global layers are not touche
 
 A view is one contiguous tensor only when batch × KV heads is 1 (gemma-3-270m and 1B: one KV head);
 elsewhere the runtime feeds 0. Measured on the CPU kernel: outputs equal to the full buffer's
-(max |diff| 0), 85 -> 69 µs per local layer at 640-800 positions (docs/memory.md).
+(max |diff| 0), 85 -> 69 µs per local layer at 640-800 positions. With `position_ids` the kernel reads the
+whole local rotary table once: +8-10 MiB of (clean, file-backed) resident pages (docs/memory.md).
 """
 
 from __future__ import annotations
