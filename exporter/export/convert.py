@@ -198,7 +198,7 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
     if tied:
         progress(f"tied embedding shared with the LM head ({tied.bytes_saved / 1e6:.0f} MB saved)")
     last_only = config.logits_to_keep_input and add_logits_to_keep(model)
-    window_layers = add_kv_window_offset(model) if config.attention == "fused" else []
+    windowed = add_kv_window_offset(model) if config.attention == "fused" else None
     tables = rotary_table_bytes(model)
     onnx.save_model(model, str(folder / ONNX_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
@@ -207,7 +207,8 @@ def _finish_graph(source: Path, folder: Path, config: ExportConfig, progress) ->
     onnx.checker.check_model(str(folder / ONNX_FILE))
     return {"tied_embedding_shared": bool(tied), "tied_bytes_saved": tied.bytes_saved if tied else 0,
             "logits_to_keep_input": bool(last_only), "reshape_shapes_folded": reshapes,
-            "rotary_table_bytes": tables, "kv_window_layers": window_layers}
+            "rotary_table_bytes": tables, "kv_window_layers": windowed.layers if windowed else [],
+            "kv_window": windowed.window if windowed else None}
 
 
 def export_model(resolved: ResolvedModel, out: str | Path, config: ExportConfig | None = None,
@@ -281,10 +282,8 @@ def _export_float(resolved: ResolvedModel, out: str | Path, config: ExportConfig
         io.kv_shared_buffer = config.attention == "fused"  # GQA appends into the past buffer
         io.kv_buffer_length = config.kv_buffer_length if io.kv_shared_buffer else None
         if graph_results["kv_window_layers"]:
-            from exporter.export.kv_window import window_size
-
             io.kv_window_offset, io.kv_window_layers = KV_WINDOW_OFFSET, graph_results["kv_window_layers"]
-            io.kv_window = window_size(graph)  # GQA's local_window_size
+            io.kv_window = graph_results["kv_window"]
         manifest = Manifest(model=_model_info(resolved, model, past_key, config.max_context), tokens=_special_tokens(model, tokenizer),
                             io=io, onnx_file=ONNX_FILE, passes=checkpoint_passes(resolved.path))
         write_manifest(folder, manifest)

@@ -21,6 +21,7 @@ whole local rotary table once: +8-10 MiB of (clean, file-backed) resident pages 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -31,17 +32,26 @@ from runtime.bundle import KV_WINDOW_OFFSET
 _SEQLENS, _TOTAL, _POSITION_IDS = 5, 6, 9  # GroupQueryAttention input slots
 
 
-def add_kv_window_offset(model: onnx.ModelProto, past_key: str = "past_key_values.{layer}.key") -> list[int]:
-    """Add the `kv_window_offset` input feeding every sliding-window GQA node; return those nodes' layers."""
+@dataclass
+class WindowedLayers:
+    """What the manifest records for the runtime: the layers that take the offset, and their window."""
+
+    layers: list[int]
+    window: int  # GQA's local_window_size
+
+
+def add_kv_window_offset(model: onnx.ModelProto,
+                         past_key: str = "past_key_values.{layer}.key") -> WindowedLayers | None:
+    """Add the `kv_window_offset` input feeding every sliding-window GQA node; None when the graph has none."""
     local = [node for node in model.graph.node if node.op_type == "GroupQueryAttention" and _window(node) > 0]
     if not local or any(item.name == KV_WINDOW_OFFSET for item in model.graph.input):
-        return []
+        return None
     pattern = re.compile(re.escape(past_key).replace(r"\{layer\}", r"(\d+)") + "$")
     layers = []
     for node in local:
         found = pattern.match(node.input[3])
         if not found:  # the past is not a graph input of the usual name: leave the graph as it is
-            return []
+            return None
         layers.append(int(found.group(1)))
     model.graph.input.append(helper.make_tensor_value_info(KV_WINDOW_OFFSET, TensorProto.INT64, [1]))
     nodes, shifted = [], {}
@@ -52,14 +62,13 @@ def add_kv_window_offset(model: onnx.ModelProto, past_key: str = "past_key_value
 
     offset = "kv_window/offset_i32"
     nodes.append(helper.make_node("Cast", [KV_WINDOW_OFFSET], [offset], name="kv_window/cast", to=TensorProto.INT32))
-    scalar = "kv_window/offset_scalar"
-    nodes.append(helper.make_node("Reshape", [offset, const("kv_window/scalar_shape", np.zeros(0, np.int64))],
-                                  [scalar], name="kv_window/scalar"))
+    scalar, scalar_shape = "kv_window/offset_scalar", const("kv_window/scalar_shape", np.zeros(0, np.int64))
+    nodes.append(helper.make_node("Reshape", [offset, scalar_shape], [scalar], name="kv_window/scalar"))
     query = local[0].input[0]  # every layer's call has the same tokens: one position table for all
     for node in local:
         key = (node.input[_SEQLENS], node.input[_TOTAL])
         if key not in shifted:
-            shifted[key] = _shifted_inputs(nodes, key, query, offset, scalar, len(shifted), const)
+            shifted[key] = _shifted_inputs(nodes, key, query, offset, scalar, scalar_shape, len(shifted), const)
         seqlens, total, positions = shifted[key]
         inputs = list(node.input) + [""] * max(0, _POSITION_IDS + 1 - len(node.input))
         inputs[_SEQLENS], inputs[_TOTAL] = seqlens, total
@@ -70,11 +79,11 @@ def add_kv_window_offset(model: onnx.ModelProto, past_key: str = "past_key_value
     first = min(i for i, node in enumerate(model.graph.node) if node in local)
     for i, node in enumerate(nodes):
         model.graph.node.insert(first + i, node)
-    return sorted(layers)
+    return WindowedLayers(sorted(layers), max(_window(node) for node in local))
 
 
-def _shifted_inputs(nodes: list, key: tuple[str, str], query: str, offset: str, scalar: str, index: int,
-                    const) -> tuple[str, str, str]:
+def _shifted_inputs(nodes: list, key: tuple[str, str], query: str, offset: str, scalar: str, scalar_shape: str,
+                    index: int, const) -> tuple[str, str, str]:
     """GQA's seqlens_k and total_sequence_length within the view, and the call's absolute positions [batch, seq]:
     last - seq + 1 .. last, with last = seqlens_k (the position of the call's last token)."""
     seqlens_k, total = key
@@ -88,19 +97,12 @@ def _shifted_inputs(nodes: list, key: tuple[str, str], query: str, offset: str, 
     seqlens = add("Sub", [seqlens_k, offset], "seqlens_k")
     shifted_total = add("Sub", [total, scalar], "total_sequence_length")
     seq = add("Shape", [query], "seq", start=1, end=2)  # [1]
-    seq_end = add("Add", [add("Reshape", [seq, const(f"{tag}/scalar_shape", np.zeros(0, np.int64))], "seq_scalar"),
-                          one], "seq_end")
+    seq_end = add("Add", [add("Reshape", [seq, scalar_shape], "seq_scalar"), one], "seq_end")
     steps = add("Range", [one, seq_end, one], "steps")  # 1 .. seq
     last = add("Cast", [seqlens_k], "last", to=TensorProto.INT64)  # [batch]
     before = add("Reshape", [add("Sub", [last, seq], "before_first"), const(f"{tag}/column", np.array([-1, 1], np.int64))],
                  "before_first_column")  # [batch, 1]
     return seqlens, shifted_total, add("Add", [before, steps], "positions")
-
-
-def window_size(graph: onnx.GraphProto) -> int | None:
-    """The sliding window of the graph's GQA nodes, None when none has one."""
-    windows = [_window(node) for node in graph.node if node.op_type == "GroupQueryAttention" and _window(node) > 0]
-    return max(windows) if windows else None
 
 
 def _window(node: onnx.NodeProto) -> int:
