@@ -251,6 +251,26 @@ def test_mixed_precision_counts_int8_matmuls(tiny_bundles, tmp_path):
     assert bits == {8}
 
 
+@requires_data
+def test_block_sizes_per_matmul_and_for_the_hot_rows(tiny_bundles, tmp_path):
+    """`blocks` gives some MatMuls their own block size (packing keeps different blocks apart) and
+    `hot_block_size` the table's 8-bit rows theirs; the bundle stays close to FP32."""
+    src = tiny_bundles["gemma3_text"]
+    config = Int4Config(algo="rtn", block_size=64, blocks={"down_proj": 32}, hot_rows=40, hot_block_size=32)
+    result = quantize_bundle(src, tmp_path / "q", config, **QUIET)
+    _, model = _initializers(result.folder)
+    blocks = {node.name: next(a.i for a in node.attribute if a.name == "block_size")
+              for node in model.graph.node if node.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    layers = {name: block for name, block in blocks.items() if "/layers." in name}
+    assert {block for name, block in layers.items() if "down_proj" in name} == {32}
+    assert {block for name, block in layers.items() if "down_proj" not in name} == {64}
+    hot = {block for name, block in blocks.items() if name.endswith("_hot_Q")}
+    assert hot == {32}
+    assert mean_kl(CausalLM(src), CausalLM(result.folder)) < 0.02
+    with pytest.raises(KoedgeError, match="block sizes"):
+        quantize_bundle(src, tmp_path / "bad", Int4Config(algo="rtn", blocks={"down_proj": 48}), **QUIET)
+
+
 # --- errors ------------------------------------------------------------------------------------------------------------
 
 def test_quantizing_a_quantized_bundle_is_refused(tiny_bundles, tmp_path):
@@ -274,11 +294,15 @@ def test_cli_quantize_int4(tiny_bundles, tmp_path, capsys):
 
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_bundles["qwen2"]), "--int4", "--algo", "rtn", "--block-size", "64",
-                 "--int8-matmuls", "down_proj", "--out", str(out), "--no-eval"]) == 0
+                 "--int8-matmuls", "down_proj", "--blocks", "down_proj=32", "--out", str(out), "--no-eval"]) == 0
     assert "quantize-int4" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["block_size"] == 64 and report["bytes_after"] < report["bytes_before"]
     assert report["config"]["int8"] == ["down_proj"] and report["results"]["matmuls_int8"] == 2
+    assert report["config"]["blocks"] == {"down_proj": 32}
+    assert main(["quantize", str(tiny_bundles["qwen2"]), "--int4", "--blocks", "down_proj", "--out",
+                 str(tmp_path / "bad"), "--no-eval"]) == 1
+    assert "FRAGMENT=SIZE" in capsys.readouterr().err
     assert (out / "report.md").read_text().startswith("# quantize-int4")
     assert main(["quantize", str(tiny_bundles["qwen2"]), "--int4", "--out", str(out), "--no-eval"]) == 1
     assert "exists" in capsys.readouterr().err

@@ -7,13 +7,28 @@ import argparse
 from exporter.cli.common import progress
 
 
+def _blocks(text: str) -> dict[str, int]:
+    """'down_proj=32,v_proj=32' -> {'down_proj': 32, 'v_proj': 32}."""
+    from runtime.errors import KoedgeError
+
+    blocks = {}
+    for item in filter(None, text.split(",")):
+        fragment, sep, size = item.partition("=")
+        if not sep or not fragment or not size.isdigit():
+            raise KoedgeError(f"--blocks wants FRAGMENT=SIZE items, not '{item}'")
+        blocks[fragment] = int(size)
+    return blocks
+
+
 def _int4_config(args: argparse.Namespace):
     from exporter.quantize.int4 import Int4Config
 
     config = Int4Config(algo=args.algo, block_size=args.block_size, symmetric=args.symmetric,
                         accuracy_level=args.accuracy_level, embedding=args.embedding,
                         embedding_block_size=args.embedding_block_size, size_budget_mb=args.size_budget,
-                        hot_rows=args.hot_rows)
+                        hot_rows=args.hot_rows, hot_block_size=args.hot_block_size)
+    if args.blocks:
+        config.blocks = _blocks(args.blocks)
     if args.int8_matmuls is not None:
         config.int8 = [fragment for fragment in args.int8_matmuls.split(",") if fragment]
     if args.calib_source:
@@ -99,6 +114,10 @@ def add_commands(commands) -> None:
     int4.add_argument("--hot-rows", type=int, default=8192, metavar="N",
                       help="a 4-bit table keeps its rows of the N tokens most frequent in the Korean calibration "
                            "text at 8 bits (default 8192; 0: every row at 4 bits)")
+    int4.add_argument("--hot-block-size", type=int, choices=[32, 64, 128], default=None,
+                      help="block size of those 8-bit rows (default: --block-size)")
+    int4.add_argument("--blocks", metavar="FRAGMENT=N,...", default=None,
+                      help="block sizes of some MatMuls by name fragment, e.g. down_proj=32 (others: --block-size)")
     int4.add_argument("--int8-matmuls", metavar="FRAGMENTS", default=None,
                       help="comma-separated MatMul name fragments kept at 8 bits (default '/': every MatMul; "
                            "'' for none; e.g. v_proj,down_proj)")

@@ -57,6 +57,8 @@ class Int4Config:
     # (only tokens seen there). gemma-3-270m --int4: PPL +12.8% -> +1.1%, KL 0.147 -> 0.010 with its 6,874
     # Korean rows at 8 bits (docs/quantization.md).
     hot_rows: int = 8192
+    hot_block_size: int | None = None  # block of those 8-bit rows; None: block_size
+    blocks: dict[str, int] = field(default_factory=dict)  # MatMul name fragment -> its block size (else block_size)
     int8: list[str] = field(default_factory=lambda: ["/"])  # MatMul name fragments kept at 8 bits; "/": all
     calib_source: str = "ko"  # gptq: Korean calibration texts (split "calib") or a .txt/.jsonl file
     # gptq: 128 x 512 tokens, measured on gemma-3-270m's default (the 4-bit table, 1 MatMul input; 44 s):
@@ -83,6 +85,11 @@ class Int4Config:
             raise KoedgeError(f"unknown INT4 algorithm '{self.algo}' (choose from {', '.join(ALGOS)})")
         if self.block_size not in BLOCK_SIZES:
             raise KoedgeError(f"block size {self.block_size} is not supported (choose from "
+                              f"{', '.join(map(str, BLOCK_SIZES))})")
+        if any(block not in BLOCK_SIZES for block in self.blocks.values()):
+            raise KoedgeError(f"block sizes {self.blocks}: each must be one of {', '.join(map(str, BLOCK_SIZES))}")
+        if self.hot_block_size not in (None, *BLOCK_SIZES):
+            raise KoedgeError(f"hot-row block size {self.hot_block_size} is not supported (choose from "
                               f"{', '.join(map(str, BLOCK_SIZES))})")
         if self.embedding_block_size not in (None, 16, *BLOCK_SIZES):
             raise KoedgeError(f"embedding block size {self.embedding_block_size} is not supported (choose from "
@@ -432,6 +439,10 @@ def _bits_for(node: onnx.NodeProto, config: Int4Config) -> int:
     return 8 if any(fragment in node.name for fragment in config.int8) else 4
 
 
+def _block_for(node: onnx.NodeProto, config: Int4Config) -> int:
+    return next((block for fragment, block in config.blocks.items() if fragment in node.name), config.block_size)
+
+
 def _shared_table(writer: GraphWriter, table: Table, packed: Packed, vocab: int, hidden: int) -> None:
     """Tied: MatMulNBits (LM head) and GatherBlockQuantized (embedding) read one quantized tensor."""
     names = writer.add_packed(table.weight, packed)
@@ -516,7 +527,8 @@ def split_table(matrix: np.ndarray, hot: np.ndarray, config: Int4Config, algo: s
     position = np.full(vocab, -1, np.int32)
     position[hot] = np.arange(len(hot))
     # the hot rows keep the MatMuls' block; `block` (the table's) applies to the 4-bit rows
-    hot_packed = quantize_weight(np.asarray(matrix[hot], np.float32).T, 8, config, algo="rtn", block=config.block_size)
+    hot_packed = quantize_weight(np.asarray(matrix[hot], np.float32).T, 8, config, algo="rtn",
+                                 block=config.hot_block_size or config.block_size)
     all_packed = quantize_weight(np.asarray(matrix, np.float32).T, 4, config, algo=algo, hessian=hessian, block=block)
     return SplitTable(hot, hot_packed, all_packed, position)
 
@@ -685,7 +697,8 @@ def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
         bits = bits_of(node)
         algo = plan[node.name][1] if plan and node.name in plan and hessian is None else None
         # 8-bit round to nearest is already near lossless: the slow searches go to the 4-bit weights
-        packed = quantize_weight(w, bits, config, algo="rtn" if bits == 8 else algo, hessian=hessian)
+        packed = quantize_weight(w, bits, config, algo="rtn" if bits == 8 else algo, hessian=hessian,
+                                 block=_block_for(node, config))
         names = writer.add_packed(weight, packed)
         writer.swap(node, [writer.matmul_nbits(list(node.output), node.input[0], names, packed, w.shape[1], node.name + "_Q")],
                     dropped=weight)
