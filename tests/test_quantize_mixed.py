@@ -31,13 +31,14 @@ def test_choose_int8_spends_the_budget_on_error_per_byte():
 
 
 @requires_data
-def test_size_budget_is_met_with_the_sensitive_matmuls_at_8_bits(tiny_bundles, tmp_path):
+@pytest.mark.parametrize("blocks", [{}, {"o_proj": 64, "down_proj": 64}])  # per-MatMul blocks: the plan counts them
+def test_size_budget_is_met_with_the_sensitive_matmuls_at_8_bits(tiny_bundles, tmp_path, blocks):
     src = tiny_bundles["llama"]
-    low = quantize_bundle(src, tmp_path / "q4", Int4Config(algo="rtn", int8=[]), **QUIET)
-    high = quantize_bundle(src, tmp_path / "q8", Int4Config(algo="rtn", int8=["/"]), **QUIET)
+    low = quantize_bundle(src, tmp_path / "q4", Int4Config(algo="rtn", int8=[], blocks=blocks), **QUIET)
+    high = quantize_bundle(src, tmp_path / "q8", Int4Config(algo="rtn", int8=["/"], blocks=blocks), **QUIET)
     size4, size8 = (bundle_bytes(r.folder, ("report.json", "report.md")) for r in (low, high))
     budget = size4 + 0.75 * (size8 - size4)
-    config = Int4Config(algo="best", size_budget_mb=budget / 1e6, sensitivity_samples=4)
+    config = Int4Config(algo="best", size_budget_mb=budget / 1e6, sensitivity_samples=4, blocks=blocks)
     mixed = quantize_bundle(src, tmp_path / "mixed", config, **QUIET)
     results = mixed.report["results"]
     assert 0 < results["matmuls_int8"] < results["matmuls_int8"] + results["matmuls_int4"]

@@ -526,7 +526,7 @@ def split_table(matrix: np.ndarray, hot: np.ndarray, config: Int4Config, algo: s
     vocab = matrix.shape[0]
     position = np.full(vocab, -1, np.int32)
     position[hot] = np.arange(len(hot))
-    # the hot rows keep the MatMuls' block; `block` (the table's) applies to the 4-bit rows
+    # the hot rows take hot_block_size (else the MatMuls' block); `block` (the table's) applies to the 4-bit rows
     hot_packed = quantize_weight(np.asarray(matrix[hot], np.float32).T, 8, config, algo="rtn",
                                  block=config.hot_block_size or config.block_size)
     all_packed = quantize_weight(np.asarray(matrix, np.float32).T, 4, config, algo=algo, hessian=hessian, block=block)
@@ -685,6 +685,7 @@ def quantize_int4(src: str | Path, dst: str | Path, config: Int4Config,
     mix = {"int4": [], "int8": []}
     sizes = {"float": 0, "quant": 0}
     progress(f"quantizing {len(targets)} MatMuls with {config.algo} (block {config.block_size}"
+             f"{''.join(f', {fragment} {block}' for fragment, block in config.blocks.items())}"
              f"{', symmetric' if config.symmetric else ''})")
     bar = tqdm(total=len(targets), desc="MatMulNBits", unit="matmul", leave=False)
 

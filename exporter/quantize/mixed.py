@@ -87,8 +87,8 @@ def check_budget(budget_mb: float, floor: int) -> int:
 
 def plan_bits(src: Path, config, progress: Callable[[str], None]) -> dict[str, tuple[int, str]]:
     """MatMul name -> (bits, 4-bit quantizer), from the budget (or config.int8) and the measured errors."""
-    from exporter.quantize.int4 import (COLD_BLOCK, ONNX_FILE, WeightReader, _bits_for, _matmul_targets, dequantize,
-                                        find_table, quantize_weight)
+    from exporter.quantize.int4 import (COLD_BLOCK, ONNX_FILE, WeightReader, _bits_for, _block_for, _matmul_targets,
+                                        dequantize, find_table, quantize_weight)
 
     model = onnx.load(str(src / ONNX_FILE), load_external_data=False)
     reader = WeightReader(model, src)
@@ -104,28 +104,28 @@ def plan_bits(src: Path, config, progress: Callable[[str], None]) -> dict[str, t
             split = bits == 4 and config.hot_rows > 0
             block = config.embedding_block_size or (COLD_BLOCK if split else config.block_size)
             one = packed_bytes(hidden, vocab, bits, block) if bits else vocab * hidden * 4
-            if split:  # every row at 4 bits, at most this many again at 8 (the MatMuls' block), and their positions
+            if split:  # every row at 4 bits, at most this many again at 8 (their own block), and their positions
                 hot = min(config.hot_rows, vocab)
-                one += packed_bytes(hidden, hot, 8, config.block_size) + 8 * hot + 4 * vocab
+                one += packed_bytes(hidden, hot, 8, config.hot_block_size or config.block_size) + 8 * hot + 4 * vocab
             table_bytes = one * (1 if table.tied or table.lm_head is None else 2)
             quantized |= {table.weight, table.lm_weight}
         # + what grows besides the weights: new nodes and the manifest's record of the mix
         floor = fixed_bytes(src, model, quantized, table_bytes) + 4096 + 400 * len(targets) + sum(
-            packed_bytes(*reader.shape(node.input[1]), 4, config.block_size) for node in targets)
+            packed_bytes(*reader.shape(node.input[1]), 4, _block_for(node, config)) for node in targets)
         available = check_budget(config.size_budget_mb, floor)
     moments = input_moments(src, sorted({node.input[0] for node in targets}), config.calib_source,
                             config.sensitivity_samples, progress)
     algos = CANDIDATES if config.algo == "best" else ("rtn" if config.algo == "gptq" else config.algo,)
-    block = config.block_size
     candidates, choice = [], {}
     progress(f"sensitivity: 4- vs 8-bit output error of {len(targets)} MatMuls ({', '.join(algos)})")
     for node in targets:
         w = np.asarray(reader.array(node.input[1]), np.float32)
         moment = moments[node.input[0]]
-        errors = {algo: weighted_error(w, dequantize(quantize_weight(w, 4, config, algo=algo)), moment)
+        block = _block_for(node, config)
+        errors = {algo: weighted_error(w, dequantize(quantize_weight(w, 4, config, algo=algo, block=block)), moment)
                   for algo in algos}
         best = min(errors, key=errors.get)
-        error8 = weighted_error(w, dequantize(quantize_weight(w, 8, config, algo="rtn")), moment)
+        error8 = weighted_error(w, dequantize(quantize_weight(w, 8, config, algo="rtn", block=block)), moment)
         k, n = w.shape
         candidates.append((node.name, errors[best] - error8, packed_bytes(k, n, 8, block) - packed_bytes(k, n, 4, block)))
         choice[node.name] = best if config.algo == "best" else config.algo
