@@ -132,13 +132,15 @@ def test_engine_penalty_stop_and_broken_hangul_equal_koedge_run(arch, tiny_bundl
 
 @requires_data
 def test_engine_equals_koedge_run_on_the_phone_int4_graph(tiny_bundles, engine_jar, tmp_path):
-    """The phone recipes' quantized graph on the JVM: packed MatMulNBits + Split, SkipSimplifiedLayerNormalization,
-    and the split table (4-bit rows, Korean rows again at 8 bits, ScatterElements over the logits)."""
+    """The phone recipes' quantized graph on the JVM: packed MatMulNBits + Split at phone-small's block sizes (o_proj's
+    128 is wider than the tiny model's K), SkipSimplifiedLayerNormalization, and the split table (4-bit rows, Korean
+    rows again at 8 bits, ScatterElements over the logits)."""
     from exporter.quantize import quantize_bundle
     from exporter.quantize.int4 import Int4Config
 
     bundle = tmp_path / "phone-int4"
-    config = Int4Config(algo="rtn", embedding="int4", hot_rows=40)  # recipes/phone-small.toml, rtn for speed
+    config = Int4Config(algo="rtn", embedding="int4", hot_rows=40,  # recipes/phone-small.toml, rtn for speed
+                        blocks={"o_proj": 128, "gate_proj": 64, "up_proj": 64})
     results = quantize_bundle(tiny_bundles["gemma3_text"], bundle, config, progress=lambda message: None,
                               evaluate=False).report["results"]
     assert results["hot_rows"] == 40 and results["matmuls_packed"] and results["residual_norms_fused"]
