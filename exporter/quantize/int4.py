@@ -80,6 +80,11 @@ class Int4Config:
     # (exporter/quantize/packing.py, residual_norm.py), the same numbers
     fuse: bool = True
 
+    @property
+    def hot_block(self) -> int:
+        """The block of the table's 8-bit rows."""
+        return self.hot_block_size or self.block_size
+
     def check(self) -> None:
         if self.algo not in ALGOS:
             raise KoedgeError(f"unknown INT4 algorithm '{self.algo}' (choose from {', '.join(ALGOS)})")
@@ -527,8 +532,7 @@ def split_table(matrix: np.ndarray, hot: np.ndarray, config: Int4Config, algo: s
     position = np.full(vocab, -1, np.int32)
     position[hot] = np.arange(len(hot))
     # the hot rows take hot_block_size (else the MatMuls' block); `block` (the table's) applies to the 4-bit rows
-    hot_packed = quantize_weight(np.asarray(matrix[hot], np.float32).T, 8, config, algo="rtn",
-                                 block=config.hot_block_size or config.block_size)
+    hot_packed = quantize_weight(np.asarray(matrix[hot], np.float32).T, 8, config, algo="rtn", block=config.hot_block)
     all_packed = quantize_weight(np.asarray(matrix, np.float32).T, 4, config, algo=algo, hessian=hessian, block=block)
     return SplitTable(hot, hot_packed, all_packed, position)
 

@@ -106,7 +106,7 @@ def plan_bits(src: Path, config, progress: Callable[[str], None]) -> dict[str, t
             one = packed_bytes(hidden, vocab, bits, block) if bits else vocab * hidden * 4
             if split:  # every row at 4 bits, at most this many again at 8 (their own block), and their positions
                 hot = min(config.hot_rows, vocab)
-                one += packed_bytes(hidden, hot, 8, config.hot_block_size or config.block_size) + 8 * hot + 4 * vocab
+                one += packed_bytes(hidden, hot, 8, config.hot_block) + 8 * hot + 4 * vocab
             table_bytes = one * (1 if table.tied or table.lm_head is None else 2)
             quantized |= {table.weight, table.lm_weight}
         # + what grows besides the weights: new nodes and the manifest's record of the mix
